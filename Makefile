@@ -1,0 +1,38 @@
+# The README's commands. `make demo` trains and samples the embedded default; `make test` is what CI runs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+THREADS ?= 2
+
+.PHONY: venv data demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e ".[dev,eval]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST from Debian (MIT); falls back to the committed subset when it cannot be installed.
+data:
+	@bash scripts/get_data.sh
+
+demo: venv data
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m transfusion.demo --config configs/tiny.toml --out runs/demo
+
+test: venv
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q
+
+test-slow: venv
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q -m slow
+
+bench: venv
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python benchmarks/run.py --out benchmarks/results/latest.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

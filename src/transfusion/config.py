@@ -1,0 +1,306 @@
+"""Typed configuration: one source of truth for model, diffusion, data, training and evaluation.
+
+A run is described by a TOML file whose tables mirror the dataclasses below ([model], [diffusion], [data],
+[train], [eval]) plus dotted overrides (`--set train.lr=1e-3`). Unknown keys are errors that list the valid
+keys, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix (unknown key, bad value, unknown preset)."""
+
+
+class AttentionMask(str, enum.Enum):
+    TRANSFUSION = "transfusion"  # causal + bidirectional within each image (paper Fig. 4)
+    CAUSAL = "causal"  # plain causal everywhere (ablation, paper Table 5)
+
+
+class AttentionImpl(str, enum.Enum):
+    SDPA = "sdpa"  # scaled_dot_product_attention with a dense bool mask (CPU + GPU, has backward)
+    FLEX = "flex"  # FlexAttention with a BlockMask built from the same rule (GPU training)
+
+
+class PatchEncoder(str, enum.Enum):
+    LINEAR = "linear"  # paper §3.2: a linear layer, timestep embedding added to the patch first (fn. 6)
+    UNET = "unet"  # paper §3.2: U-Net down/up blocks (interface reserved; see model/patch.py)
+
+
+class Sampler(str, enum.Enum):
+    DDPM = "ddpm"  # ancestral sampling (paper default)
+    DDIM = "ddim"  # deterministic DDIM (eta = 0), an extension
+
+
+def _ffn_hidden(dim: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple (keeps ~8*dim^2 MLP params)."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32_000
+    dim: int = 768
+    n_layers: int = 16
+    n_heads: int = 12
+    ffn_hidden: int = 0  # 0 -> Llama rule from dim
+    norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # images (latents or pixels, paper fn. 3): C x H x W, cut into patch_size x patch_size patches
+    image_channels: int = 8
+    image_size: int = 32
+    patch_size: int = 2
+    patch_encoder: PatchEncoder = PatchEncoder.LINEAR
+    attention_mask: AttentionMask = AttentionMask.TRANSFUSION
+    attention_impl: AttentionImpl = AttentionImpl.SDPA
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
+            )
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_hidden or _ffn_hidden(self.dim)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.image_channels * self.patch_size**2
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model config {name!r}; known: {', '.join(MODEL_PRESETS)}")
+        return cls(**{**MODEL_PRESETS[name], **overrides})
+
+
+# Paper Table 2 (layers, embedding dim, heads), 32k vocabulary, VAE latents 32x32x8 in 2x2 patches (§4.1),
+# plus small configs for CPU work.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "0.16B": dict(n_layers=16, dim=768, n_heads=12),
+    "0.37B": dict(n_layers=24, dim=1024, n_heads=16),
+    "0.76B": dict(n_layers=24, dim=1536, n_heads=24),
+    "1.4B": dict(n_layers=24, dim=2048, n_heads=16),
+    "7B": dict(n_layers=32, dim=4096, n_heads=32),
+    "tiny": dict(
+        n_layers=8, dim=256, n_heads=4, vocab_size=2048, max_seq_len=512,
+        image_channels=3, image_size=28, patch_size=4,
+    ),
+    "micro": dict(
+        n_layers=2, dim=64, n_heads=4, vocab_size=512, max_seq_len=256,
+        image_channels=3, image_size=8, patch_size=2,
+    ),
+}
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_steps: int = 1000  # T (paper §2.2)
+    schedule: str = "cosine"  # Nichol & Dhariwal 2021, s = 0.008
+    prediction: str = "epsilon"
+    noise_limit: int = 500  # max t for images that come before their caption (paper §4.3.4)
+    sample_steps: int = 250  # paper §4.1: 250 of the 1000 training steps
+    sampler: Sampler = Sampler.DDPM
+    cfg_scale: float = 3.0  # paper §4.3 ablations use 3 (§4.2 uses 5)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "colour_fashion"  # colour_fashion | folder
+    folder: str = ""  # for dataset = "folder": DIR with images + captions.jsonl
+    tokenizer: str = ""  # path to tokenizer.json; "" -> the shipped one
+    seq_len: int = 256  # packed row length
+    image_first_prob: float = 0.2  # paper §4.1: caption first 80%, image first 20%
+    caption_dropout: float = 0.1  # captions dropped so CFG has an unconditional model
+    text_ratio: float = 0.5  # fraction of tokens from text-only documents (paper §4.1: ~1:1)
+    max_caption_tokens: int = 64
+    use_full_dataset: bool = True  # False -> the committed subset only (tests, CI)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # rows per optimiser step (global)
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 1.5e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    lm_weight: float = 1.0
+    diffusion_weight: float = 5.0  # lambda (paper eq. 4)
+    bf16: bool = False
+    ema: float = 0.0  # 0 -> no EMA
+    seed: int = 0
+    threads: int = 0  # 0 -> torch default
+    log_every: int = 10
+    sample_every: int = 0  # 0 -> only at the end
+    ckpt_every: int = 200
+    max_bad_steps: int = 10  # consecutive NaN/Inf losses before the run stops
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 160
+    sample_steps: int = 50
+    sampler: Sampler = Sampler.DDIM
+    cfg_scale: float = 3.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("tiny"))
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected one of {[e.value for e in tp]}") from None
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ConfigError(f"{key}={value!r}: expected true/false")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r}: expected {tp.__name__}") from None
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys under {prefix or 'top level'}: {names}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} is a table; set its fields, e.g. {full}.{names[0]}=...")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:  # TOML literal (numbers, booleans, quoted strings); bare words stay strings
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from an optional TOML file and `section.key=value` overrides.
+
+    `[model] preset = "tiny"` starts the model section from a named preset before applying the other keys.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a table")
+        node[keys[-1]] = value
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    model_raw = raw.pop("model", {})
+    preset = model_raw.pop("preset", None)
+    try:
+        model = ModelConfig.from_name(preset) if preset else ModelConfig.from_name("tiny")
+        cfg = Config(model=model)
+        _apply(cfg.model, model_raw, "model.")
+        cfg.model.__post_init__()  # re-validate after overrides
+        _apply(cfg, raw, "")
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view (enums as values) for saving next to checkpoints as TOML/JSON."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, enum.Enum):
+            v = v.value
+        out[f.name] = v
+    return out
+
+
+def dump_toml(cfg: Config) -> str:
+    lines: list[str] = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, str):
+                lines.append(f'{k} = "{v}"')
+            else:
+                lines.append(f"{k} = {v!r}")
+        lines.append("")
+    return "\n".join(lines)
