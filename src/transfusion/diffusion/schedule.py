@@ -1,0 +1,56 @@
+"""The DDPM forward process (paper §2.2): cosine noise schedule, eq. 2 noising, timestep sampling.
+
+    x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,   eps ~ N(0, I)           (paper eq. 2)
+
+abar follows Nichol & Dhariwal (2021): abar(u) = f(u) / f(0), f(u) = cos^2((u + s) / (1 + s) * pi / 2),
+s = 0.008, discretised into T = 1000 steps with each beta clipped at 0.999. Index t = 0 is the least noisy
+step (abar_0 ~ 1); a clean image fed for captioning is passed as x_0 with t = 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """(T,) float64 abar_t for t = 0..T-1."""
+
+    def f(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = torch.tensor(
+        [min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)],
+        dtype=torch.float64,
+    )
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class NoiseSchedule:
+    def __init__(self, num_steps: int = 1000, kind: str = "cosine"):
+        if kind != "cosine":
+            raise ValueError(f"unknown noise schedule {kind!r}; available: 'cosine'")
+        self.num_steps = num_steps
+        self.alphas_cumprod = cosine_alphas_cumprod(num_steps)  # (T,) float64
+
+    def abar(self, t: Tensor, like: Tensor) -> Tensor:
+        """abar at integer timesteps t (any shape), as `like`'s dtype/device."""
+        return self.alphas_cumprod.to(like.device)[t.long()].to(like.dtype)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Eq. 2 for patch rows: x0, noise (P, D); t (P,) -> x_t (P, D)."""
+        a = self.abar(t, x0).unsqueeze(-1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def predict_x0(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        a = self.abar(t, x_t).unsqueeze(-1)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def sample_timesteps(self, max_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform integer t in [0, max_t] per image; max_t (N,) implements the §4.3.4 noise limit."""
+        max_t = max_t.clamp(0, self.num_steps - 1)
+        u = torch.rand(max_t.shape, generator=generator, device=max_t.device if generator is None
+                       else generator.device)
+        return torch.minimum((u.to(max_t.device) * (max_t + 1).float()).long(), max_t)

@@ -1,0 +1,264 @@
+"""Mode-switching decoding (paper §3 "Inference"): LM sampling until BOI, then diffusion, then EOI and back.
+
+Batched over prompts. Each prompt row is left-padded into one KV cache (the padding is its own document, so
+the mask hides it, and RoPE positions start at 0 where the real text starts). In diffusion mode n noise
+patches are appended after BOI; at each of the sampler's steps only those n positions run through the model
+against the cached prefix (`commit=False`, the prefix KV is computed once), and the prediction overwrites the
+patches. With CFG the conditional rows and their unconditional twins (`BOS BOI`, the caption-dropout
+context seen in training) run in one batch. The finished image is then written into the cache as a clean
+image (t = 0), EOI is appended and LM mode resumes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from transfusion.diffusion.samplers import DiffusionSampler, cfg_combine
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.model.patch import patchify, unpatchify
+from transfusion.model.transfusion import Transfusion
+
+Segment = list[int] | Tensor  # token ids, or a clean image (C, H, W)
+
+
+class TokenizerLike(Protocol):
+    bos_id: int
+    eos_id: int
+    boi_id: int
+    eoi_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class Decoder:
+    """A batch of sequences being extended in place, with their KV cache."""
+
+    def __init__(self, model: Transfusion, batch: int, pad_id: int, max_len: int | None = None):
+        self.model, self.pad_id = model, pad_id
+        cfg = model.cfg
+        self.device = model.tok_emb.weight.device
+        self.cache = model.new_cache(batch, min(max_len or cfg.max_seq_len, cfg.max_seq_len))
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) next RoPE position
+        self.n_images = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) images so far
+        self.n, self.patch_dim = cfg.patches_per_image, cfg.patch_dim
+
+    @torch.no_grad()
+    def prefill(self, rows: list[list[Segment]]) -> Tensor:
+        """Left-pad and run the prompts; returns the next-token logits (B, V)."""
+        k = self.model.cfg.patch_size
+        flat: list[tuple[list[int], list[int], list[Tensor]]] = []
+        for segments in rows:
+            toks, imgs, patches = [], [], []
+            for seg in segments:
+                if isinstance(seg, Tensor):
+                    img_id = len(patches)
+                    patches.append(patchify(seg.unsqueeze(0).to(self.device), k)[0])  # (n, D)
+                    toks += [self.pad_id] * self.n
+                    imgs += [img_id] * self.n
+                else:
+                    toks += list(seg)
+                    imgs += [-1] * len(seg)
+            flat.append((toks, imgs, patches))
+        L = max(len(f[0]) for f in flat)
+        B = len(rows)
+        tokens = torch.full((B, L), self.pad_id, dtype=torch.long)
+        image_ids = torch.full((B, L), -1, dtype=torch.long)
+        doc_ids = torch.zeros((B, L), dtype=torch.long)  # padding = doc 0, prompt = doc 1
+        positions = torch.zeros((B, L), dtype=torch.long)
+        all_patches: list[Tensor] = []
+        for b, (toks, imgs, patches) in enumerate(flat):
+            off = L - len(toks)
+            tokens[b, off:] = torch.tensor(toks)
+            image_ids[b, off:] = torch.tensor(imgs)
+            doc_ids[b, off:] = 1
+            positions[b, off:] = torch.arange(len(toks))
+            self.next_pos[b] = len(toks)
+            self.n_images[b] = len(patches)
+            all_patches += patches
+        x = torch.cat(all_patches) if all_patches else torch.zeros(0, self.patch_dim)
+        return self._run(tokens, image_ids, doc_ids, positions, x, commit=True)
+
+    def _run(self, tokens, image_ids, doc_ids, positions, x, t=None, commit=True, logits=True):
+        d = self.device
+        x = x.to(d, self.model.tok_emb.weight.dtype)
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=d) if t is None else t
+        last = torch.zeros(tokens.shape, dtype=torch.bool, device=d)
+        if logits:
+            last[:, -1] = True
+        out = self.model(tokens.to(d), image_ids.to(d), doc_ids.to(d), positions.to(d), x, t,
+                         logits_mask=last, cache=self.cache, commit=commit)
+        self.last_eps = out.eps
+        return out.logits  # (B, V)
+
+    @torch.no_grad()
+    def append_tokens(self, ids: Tensor) -> Tensor:
+        """Append one token per row (B,); returns next-token logits (B, V)."""
+        B = ids.shape[0]
+        pos = self.next_pos.clone()
+        self.next_pos += 1
+        return self._run(ids.view(B, 1), torch.full((B, 1), -1), torch.ones((B, 1), dtype=torch.long),
+                         pos.view(B, 1), torch.zeros(0, self.patch_dim))
+
+    def _image_slots(self):
+        B, n = self.next_pos.shape[0], self.n
+        positions = self.next_pos[:, None] + torch.arange(n, device=self.device)  # (B, n)
+        image_ids = self.n_images[:, None].expand(B, n)
+        tokens = torch.full((B, n), self.pad_id, dtype=torch.long)
+        return tokens, image_ids, torch.ones((B, n), dtype=torch.long), positions
+
+    @torch.no_grad()
+    def diffuse(self, sampler: DiffusionSampler, cfg_scale: float, n_cond: int,
+                generator: torch.Generator | None = None, progress: bool = False, commit: bool = True) -> Tensor:
+        """Denoise one image per conditional row; rows [n_cond:] are the unconditional twins (if any).
+
+        Returns x_0 patches (n_cond, n, D). With `commit` the clean image is written into the cache (t = 0)
+        for every row and the positions advance past it.
+        """
+        B, n, D = self.next_pos.shape[0], self.n, self.patch_dim
+        guided = B > n_cond
+        if guided and B != 2 * n_cond:
+            raise ValueError("with CFG the decoder must hold n_cond conditional rows then n_cond unconditional")
+        tokens, image_ids, doc_ids, positions = self._image_slots()
+        x = torch.randn((n_cond, n, D), generator=generator, device=self.device if generator is None
+                        else generator.device).to(self.device)
+        steps = tqdm(range(len(sampler)), desc="diffusion", disable=not progress, leave=False)
+        for i in steps:
+            t = sampler.timesteps[i].to(self.device).expand(B * n)
+            x_in = torch.cat([x, x]) if guided else x  # (B, n, D)
+            self._run(tokens, image_ids, doc_ids, positions, x_in.reshape(B * n, D), t, commit=False, logits=False)
+            eps = self.last_eps.float().view(B, n, D)
+            if guided:
+                eps = cfg_combine(eps[:n_cond], eps[n_cond:], cfg_scale)
+            x = sampler.step(x, eps, i, generator)
+        if commit:
+            x_in = torch.cat([x, x]) if guided else x
+            self._run(tokens, image_ids, doc_ids, positions, x_in.reshape(B * n, D), commit=True, logits=False)
+            self.next_pos += n
+            self.n_images += 1
+        return x
+
+    def select_rows(self, rows: Tensor) -> None:
+        self.cache.select_rows(rows)
+        self.next_pos, self.n_images = self.next_pos[rows], self.n_images[rows]
+
+
+def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Greedy when temperature == 0 (paper §4.1), else temperature + nucleus sampling. (B, V) -> (B,)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _images_from_patches(model: Transfusion, x: Tensor) -> Tensor:
+    c = model.cfg
+    return unpatchify(x, c.patch_size, c.image_channels, c.image_size, c.image_size)  # (N, C, H, W)
+
+
+def generate_images(
+    model: Transfusion, tokenizer: TokenizerLike, prompts: list[str], schedule: NoiseSchedule,
+    steps: int = 250, cfg_scale: float = 3.0, sampler: str = "ddpm", generator: torch.Generator | None = None,
+    progress: bool = True, clip_x0: float | None = 1.0,
+) -> Tensor:
+    """Text -> image for a batch of captions: (N, C, H, W). CFG runs cond + uncond in one batch."""
+    tk = tokenizer
+    cond = [[[tk.bos_id] + tk.encode(p) + [tk.boi_id]] for p in prompts]
+    guided = cfg_scale != 1.0
+    rows = cond + ([[[tk.bos_id, tk.boi_id]]] * len(prompts) if guided else [])
+    n_len = max(len(r[0]) for r in rows) + model.cfg.patches_per_image
+    dec = Decoder(model, len(rows), tk.pad_id, max_len=n_len)
+    dec.prefill(rows)
+    smp = DiffusionSampler(schedule, steps, sampler, clip_x0=clip_x0)
+    x = dec.diffuse(smp, cfg_scale, len(prompts), generator, progress=progress, commit=False)
+    return _images_from_patches(model, x)
+
+
+@torch.no_grad()
+def _lm_loop(dec: Decoder, logits: Tensor, tk: TokenizerLike, max_new_tokens: int, stop_ids: set[int],
+             banned: list[int], temperature: float, top_p: float, generator) -> list[list[int]]:
+    """Lock-step LM decoding of all rows until each hits a stop id; returns generated ids per row."""
+    B = logits.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        if banned:
+            logits[:, banned] = float("-inf")
+        nxt = sample_next(logits, temperature, top_p, generator).cpu()
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(nxt[b]))
+                done[b] = int(nxt[b]) in stop_ids
+        if bool(done.all()):
+            break
+        logits = dec.append_tokens(nxt.to(dec.device))
+    return out
+
+
+@torch.no_grad()
+def caption_images(model: Transfusion, tokenizer: TokenizerLike, images: Tensor, max_new_tokens: int = 32,
+                   temperature: float = 0.0) -> list[str]:
+    """Image -> text: `BOS BOI <clean image, t=0> EOI` then greedy LM (BOI banned) until EOS."""
+    tk = tokenizer
+    rows = [[[tk.bos_id, tk.boi_id], img, [tk.eoi_id]] for img in images]
+    dec = Decoder(model, len(rows), tk.pad_id, max_len=4 + model.cfg.patches_per_image + max_new_tokens)
+    logits = dec.prefill(rows)
+    banned = [tk.boi_id, tk.eoi_id, tk.bos_id, tk.pad_id]
+    ids = _lm_loop(dec, logits, tk, max_new_tokens, {tk.eos_id}, banned, temperature, 1.0, None)
+    return [tk.decode([i for i in r if i != tk.eos_id]).strip() for r in ids]
+
+
+@torch.no_grad()
+def generate(
+    model: Transfusion, tokenizer: TokenizerLike, prompt: str, schedule: NoiseSchedule,
+    max_new_tokens: int = 128, max_images: int = 4, steps: int = 250, cfg_scale: float = 3.0,
+    sampler: str = "ddpm", temperature: float = 0.0, top_p: float = 1.0,
+    generator: torch.Generator | None = None, progress: bool = True, clip_x0: float | None = 1.0,
+) -> list[str | Tensor]:
+    """Free mode-switching generation from a text prompt: a list of text pieces and images (C, H, W).
+
+    When the model emits BOI (or the prompt ends with "<boi>"), an image is diffused; EOI is appended and text
+    continues, until EOS, `max_new_tokens` text tokens or `max_images` images. At each BOI the context is
+    prefilled once together with its unconditional twin for CFG (a negligible cost next to the diffusion
+    steps), then decoding continues on the conditional row alone.
+    """
+    tk = tokenizer
+    force_image = prompt.rstrip().endswith("<boi>")
+    context: list[Segment] = [[tk.bos_id] + tk.encode(prompt.replace("<boi>", "").rstrip())]
+    pieces: list[str | Tensor] = []
+    budget = max_new_tokens
+    smp = DiffusionSampler(schedule, steps, sampler, clip_x0=clip_x0)
+    while True:
+        if not force_image:
+            dec = Decoder(model, 1, tk.pad_id)
+            logits = dec.prefill([context])
+            ids = _lm_loop(dec, logits, tk, budget, {tk.eos_id, tk.boi_id}, [tk.bos_id, tk.eoi_id, tk.pad_id],
+                           temperature, top_p, generator)[0]
+            budget -= len(ids)
+            text_ids = [i for i in ids if i not in (tk.eos_id, tk.boi_id)]
+            if text_ids:
+                pieces.append(tk.decode(text_ids))
+                context.append(text_ids)
+            if not ids or ids[-1] != tk.boi_id or budget <= 0 or len([p for p in pieces if isinstance(p, Tensor)]) >= max_images:
+                return pieces
+        force_image = False
+        context.append([tk.boi_id])
+        guided = cfg_scale != 1.0
+        rows = [context] + ([[[tk.bos_id, tk.boi_id]]] if guided else [])
+        dec = Decoder(model, len(rows), tk.pad_id)
+        dec.prefill(rows)
+        x = dec.diffuse(smp, cfg_scale, 1, generator, progress=progress, commit=False)
+        img = _images_from_patches(model, x)[0]
+        pieces.append(img)
+        context += [img, [tk.eoi_id]]

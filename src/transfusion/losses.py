@@ -1,0 +1,80 @@
+"""The Transfusion objective (paper §3.2, eq. 4): L = L_LM + lambda * L_DDPM, lambda = 5 by default.
+
+- L_LM: next-token cross-entropy over text targets only (batch.lm_targets; none on patches, none when the
+  input is BOI, fn. 8), averaged over target tokens.
+- L_DDPM: eps-prediction MSE (eq. 3), averaged over each image's patch values first, then over images, so a
+  large image counts as one example like a small one.
+
+Each image gets its own timestep (uniform in [0, image_max_t], the §4.3.4 noise limit for image-first
+examples); noise and timesteps are drawn from an explicit generator so training is reproducible and resumable.
+`normalizer` lets data-parallel training divide the local sums by *global* counts, which makes N ranks compute
+exactly the loss of one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transfusion.batch import IGNORE, MixedBatch
+from transfusion.diffusion.schedule import NoiseSchedule
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar to backpropagate
+    lm_loss: Tensor  # scalar, mean over text targets (detached)
+    diffusion_loss: Tensor  # scalar, mean over images (detached)
+    lm_sum: Tensor  # sum of token losses (detached), for global averaging
+    diffusion_sum: Tensor  # sum of per-image losses (detached)
+    n_text_targets: int
+    n_images: int
+
+
+def noised_patches(batch: MixedBatch, schedule: NoiseSchedule, generator: torch.Generator | None = None):
+    """Draw per-image timesteps and noise; return (x_t (P, D), t (P,), noise (P, D), image of each patch (P,))."""
+    patch_image = batch.image_ids[batch.image_ids >= 0]  # (P,) image index of each patch, reading order
+    t_img = schedule.sample_timesteps(batch.image_max_t, generator)  # (N,)
+    dev = generator.device if generator is not None else batch.patches.device
+    noise = torch.randn(batch.patches.shape, generator=generator, device=dev).to(batch.patches)
+    t = t_img[patch_image]  # (P,)
+    return schedule.add_noise(batch.patches, noise, t), t, noise, patch_image
+
+
+def transfusion_loss(
+    model: torch.nn.Module,
+    batch: MixedBatch,
+    schedule: NoiseSchedule,
+    lm_weight: float = 1.0,
+    diffusion_weight: float = 5.0,
+    generator: torch.Generator | None = None,
+    normalizer: tuple[float, float] | None = None,  # (global text targets, global images)
+) -> LossOutput:
+    x_t, t, noise, patch_image = noised_patches(batch, schedule, generator)
+    logits_mask = batch.lm_targets != IGNORE  # (B, L)
+    out = model(batch.tokens, batch.image_ids, batch.doc_ids, batch.positions, x_t, t, logits_mask=logits_mask)
+
+    targets = batch.lm_targets[logits_mask]  # (n_sel,)
+    lm_sum = F.cross_entropy(out.logits.float(), targets, reduction="sum")
+
+    n_img = batch.num_images
+    per_value = (out.eps.float() - noise.float()).pow(2)  # (P, D)
+    sums = torch.zeros(n_img, device=per_value.device).index_add(0, patch_image, per_value.sum(-1))
+    counts = torch.bincount(patch_image, minlength=n_img).clamp(min=1) * per_value.shape[-1]
+    diff_sum = (sums / counts).sum()  # sum over images of each image's mean squared error
+
+    n_tok_norm, n_img_norm = normalizer if normalizer is not None else (targets.numel(), n_img)
+    lm = lm_sum / max(n_tok_norm, 1)
+    diff = diff_sum / max(n_img_norm, 1)
+    return LossOutput(
+        loss=lm_weight * lm + diffusion_weight * diff,
+        lm_loss=lm.detach(),
+        diffusion_loss=diff.detach(),
+        lm_sum=lm_sum.detach(),
+        diffusion_sum=diff_sum.detach(),
+        n_text_targets=int(targets.numel()),
+        n_images=n_img,
+    )

@@ -1,0 +1,139 @@
+"""Llama-style transformer blocks: RMSNorm, RoPE, multi-head attention, SwiGLU (paper §4.1 follows Llama).
+
+Pure nn.Modules: nothing here knows about training, data, diffusion or distribution. Attention takes either a
+dense bool mask (scaled_dot_product_attention, CPU and GPU, with backward everywhere) or a FlexAttention
+BlockMask (GPU training); both come from the same rule in masks.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from transfusion.config import ModelConfig
+from transfusion.model.kv_cache import KVCache
+
+_compiled_flex = None
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    """FlexAttention; compiled on GPU (eager flex is a slow reference), eager on CPU (forward only there)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables for positions [0, max_len); rotates half-split pairs (x[:d/2], x[d/2:])."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        self.register_buffer("cos", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.cos.device.type == "meta":
+            return
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        angles = torch.outer(torch.arange(self.max_len, dtype=torch.float64), inv)  # (max_len, hd/2)
+        self.cos.copy_(angles.cos().float())
+        self.sin.copy_(angles.sin().float())
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) positions -> cos, sin of shape (B, 1, L, hd/2) for broadcasting over heads."""
+        if positions.numel() and int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} >= model.max_seq_len {self.max_len}")
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, L, hd); cos/sin (B, 1, L, hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.layer_id = cfg.n_heads, cfg.head_dim, layer_id
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # fused q, k, v
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask, cache: KVCache | None = None) -> Tensor:
+        B, L, D = x.shape
+        qkv = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, L, hd)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # (B, H, S, hd) with the cached prefix
+        if isinstance(mask, Tensor):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = _flex_attention(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU with fused gate/up projection."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        nn.init.trunc_normal_(self.attn.wqkv.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.ffn.w13.weight, std=std, a=-3 * std, b=3 * std)
+        # residual-branch outputs scaled by depth so the residual stream's variance stays O(1) at init
+        nn.init.trunc_normal_(self.attn.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        nn.init.trunc_normal_(self.ffn.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+def residual_out_std(std: float, n_layers: int) -> float:
+    return std / math.sqrt(2 * n_layers)

@@ -1,0 +1,108 @@
+"""The Transfusion network: text embeddings + patch encodings -> one transformer -> LM logits + noise prediction.
+
+    h = embed(tokens) at text positions, patch_encoder(x_t, t) at image positions    (B, L, dim)
+    h = blocks(h, mask)                     causal + bidirectional within images (masks.py)
+    logits = lm_head(norm(h))[logits_mask]  (n_sel, V)
+    eps    = patch_decoder(h[image positions])  (P, D)
+
+The network is f(tokens, x_t, t); the diffusion process (noising, sampling) lives in transfusion.diffusion and
+the objective in transfusion.losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from transfusion.config import AttentionImpl, AttentionMask, ModelConfig
+from transfusion.model.kv_cache import KVCache
+from transfusion.model.masks import dense_mask, flex_block_mask
+from transfusion.model.patch import build_patch_encoder
+from transfusion.model.transformer import Block, RMSNorm, RotaryEmbedding, residual_out_std
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (n_sel, V) at logits_mask positions, or (B, L, V) when no mask was given
+    eps: Tensor  # (P, D) noise prediction at the image positions, in reading order
+
+
+class Transfusion(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.patch = build_patch_encoder(cfg)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer: the model may be built on the meta device, then `to_empty`."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        self.rope.reset_parameters()
+        out_std = residual_out_std(std, self.cfg.n_layers)
+        for block in self.layers:
+            block.init_weights(std, out_std)
+        self.norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        self.patch.init_weights(std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B, L) long
+        image_ids: Tensor,  # (B, L) long, -1 = text
+        doc_ids: Tensor,  # (B, L) long
+        positions: Tensor,  # (B, L) long
+        x_t: Tensor,  # (P, D) noisy patches at the positions with image_ids >= 0
+        t: Tensor,  # (P,) long timestep of each patch
+        logits_mask: Tensor | None = None,  # (B, L) bool: where to compute LM logits
+        cache: KVCache | None = None,
+        commit: bool = True,  # with a cache: keep these positions in it (False for diffusion steps)
+    ) -> ModelOutput:
+        is_img = image_ids >= 0  # (B, L)
+        h = self.tok_emb(tokens.masked_fill(is_img, 0))  # (B, L, dim); patch slots overwritten below
+        # The encoder runs even when P == 0 so every rank calls every module each step (FSDP needs SPMD).
+        patch_h = self.patch.encode(x_t, t).to(h.dtype)  # (P, dim)
+        h = h.masked_scatter(is_img.unsqueeze(-1), patch_h)
+        mask = self._mask(image_ids, doc_ids, cache)
+        rope = self.rope(positions)
+        for block in self.layers:
+            h = block(h, rope, mask, cache)
+        if cache is not None and commit:
+            cache.commit(tokens.shape[1])
+        h = self.norm(h)
+        text_h = h if logits_mask is None else h[logits_mask]  # (B, L, dim) or (n_sel, dim)
+        eps = self.patch.decode(h[is_img])  # (P, D)
+        return ModelOutput(logits=self.lm_head(text_h), eps=eps)
+
+    def _mask(self, image_ids: Tensor, doc_ids: Tensor, cache: KVCache | None):
+        bidirectional = self.cfg.attention_mask == AttentionMask.TRANSFUSION
+        if cache is not None:
+            start = cache.length
+            all_img, all_doc = cache.begin(image_ids, doc_ids)
+            return dense_mask(all_img, all_doc, q_start=start, bidirectional=bidirectional)
+        if self.cfg.attention_impl == AttentionImpl.FLEX:
+            return flex_block_mask(image_ids, doc_ids, bidirectional)
+        return dense_mask(image_ids, doc_ids, bidirectional=bidirectional)
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(
+            self.cfg.n_layers, batch, self.cfg.n_heads, self.cfg.head_dim, max_len or self.cfg.max_seq_len,
+            device=p.device, dtype=dtype or p.dtype,
+        )

@@ -1,0 +1,76 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core_helpers import micro_model, random_batch
+from transfusion.config import AttentionImpl
+from transfusion.model.masks import dense_mask, flex_block_mask, transfusion_mask
+
+
+def naive_mask(image_ids, doc_ids, bidirectional=True):
+    L = len(image_ids)
+    m = torch.zeros(L, L, dtype=torch.bool)
+    for q in range(L):
+        for k in range(L):
+            if doc_ids[q] != doc_ids[k]:
+                continue
+            same_img = bidirectional and image_ids[q] >= 0 and image_ids[q] == image_ids[k]
+            m[q, k] = k <= q or same_img
+    return m
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_mask_rule_matches_naive_loop(seed, bidirectional):
+    model = micro_model()
+    b = random_batch(model.cfg, B=3, L=48, seed=seed)
+    dense = dense_mask(b.image_ids, b.doc_ids, bidirectional=bidirectional)
+    for r in range(3):
+        expect = naive_mask(b.image_ids[r].tolist(), b.doc_ids[r].tolist(), bidirectional)
+        assert torch.equal(dense[r, 0], expect)
+        assert torch.equal(transfusion_mask(b.image_ids[r], b.doc_ids[r], bidirectional), expect)
+
+
+def test_public_mask_single_row_example():
+    ids = torch.tensor([-1, -1, 0, 0, 0, -1, 1, 1, -1])
+    m = transfusion_mask(ids)
+    assert m[2, 4] and m[3, 4] and not m[1, 2]  # patches see later patches of their image, text does not
+    assert not m[5, 6] and m[7, 6] and m[6, 7]  # image 1 bidirectional, text before it causal
+    assert not m[4, 6]  # image 0 does not see image 1
+
+
+def test_cached_suffix_mask_equals_rows_of_full_mask():
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=40, seed=3)
+    full = dense_mask(b.image_ids, b.doc_ids)
+    assert torch.equal(dense_mask(b.image_ids, b.doc_ids, q_start=25), full[:, :, 25:])
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_forward_equals_sdpa_dense(seed):
+    torch.manual_seed(seed)
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=96, seed=seed)
+    B, H, L, D = 2, 4, 96, 16
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    from torch.nn.attention.flex_attention import flex_attention
+
+    bm = flex_block_mask(b.image_ids, b.doc_ids, block_size=32)
+    out_flex = flex_attention(q, k, v, block_mask=bm)
+    out_sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(b.image_ids, b.doc_ids))
+    assert (out_flex - out_sdpa).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_model_forward_equals_sdpa_model():
+    sdpa = micro_model()
+    flex = micro_model(attention_impl=AttentionImpl.FLEX)
+    flex.load_state_dict(sdpa.state_dict())
+    b = random_batch(sdpa.cfg, B=2, L=64, seed=1)
+    t = torch.randint(0, 1000, (b.patches.shape[0],))
+    args = (b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, t)
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        o1, o2 = sdpa(*args), flex(*args)
+    assert (o1.logits - o2.logits).abs().max() < 1e-5
+    assert (o1.eps - o2.eps).abs().max() < 1e-5
