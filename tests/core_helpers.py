@@ -48,7 +48,7 @@ def random_batch(cfg: ModelConfig, B: int = 3, L: int = 64, seed: int = 0, max_i
             doc_ids[b, s:e] = d
             positions[b, s:e] = torch.arange(e - s)
             pos = s + 1
-            for _ in range(int(torch.randint(0, max_images + 1, (1,), generator=g))):
+            for _ in range(int(torch.randint(min(1, max_images), max_images + 1, (1,), generator=g))):
                 if pos + n + 1 > e:
                     break
                 start = pos + int(torch.randint(0, max(1, e - pos - n), (1,), generator=g))
@@ -62,3 +62,16 @@ def random_batch(cfg: ModelConfig, B: int = 3, L: int = 64, seed: int = 0, max_i
     return MixedBatch(tokens=tokens, image_ids=image_ids, doc_ids=doc_ids, positions=positions,
                       lm_targets=make_lm_targets(tokens, image_ids, doc_ids), patches=patches,
                       image_max_t=torch.full((n_img,), 999))
+
+
+def one_image_batch(cfg: ModelConfig, L: int = 48, start: int = 10, seed: int = 0) -> MixedBatch:
+    """One row: text, one image at `start`, text."""
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.patches_per_image
+    tokens = torch.randint(5, cfg.vocab_size, (1, L), generator=g)
+    image_ids = torch.full((1, L), -1)
+    image_ids[0, start : start + n] = 0
+    docs = torch.zeros((1, L), dtype=torch.long)
+    return MixedBatch(tokens=tokens, image_ids=image_ids, doc_ids=docs, positions=torch.arange(L)[None],
+                      lm_targets=make_lm_targets(tokens, image_ids, docs),
+                      patches=torch.randn(n, cfg.patch_dim, generator=g), image_max_t=torch.tensor([999]))

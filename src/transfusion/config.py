@@ -67,6 +67,9 @@ class ModelConfig:
     attention_impl: AttentionImpl = AttentionImpl.SDPA
 
     def __post_init__(self) -> None:
+        self.patch_encoder = PatchEncoder(self.patch_encoder)
+        self.attention_mask = AttentionMask(self.attention_mask)
+        self.attention_impl = AttentionImpl(self.attention_impl)
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
@@ -167,6 +170,9 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive NaN/Inf losses before the run stops
     compile: bool = False
     activation_checkpointing: bool = False
+    device: str = "auto"  # auto -> cuda when available, else cpu
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in OUT/checkpoints (0 -> all)
+    sample_n: int = 8  # images in the periodic sample grid (0 -> none)
 
 
 @dataclass

@@ -1,0 +1,67 @@
+import torch
+
+from core_helpers import micro_model, one_image_batch, random_batch
+from transfusion.batch import IGNORE, make_lm_targets
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.losses import transfusion_loss
+
+
+def test_lm_targets_skip_boi_inputs_patches_and_doc_boundaries():
+    BOI, EOI = 3, 4
+    tokens = torch.tensor([[1, 10, 11, BOI, 0, 0, 0, 0, EOI, 12, 2, 1, 13, 2]])
+    image_ids = torch.tensor([[-1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1]])
+    docs = torch.tensor([[0] * 11 + [1] * 3])
+    tg = make_lm_targets(tokens, image_ids, docs)[0].tolist()
+    assert tg[:3] == [10, 11, BOI]  # text predicts text and BOI
+    assert tg[3] == IGNORE  # input BOI: no loss (fn. 8)
+    assert tg[4:8] == [IGNORE] * 4  # no LM loss on patches (incl. the last patch -> EOI)
+    assert tg[8:10] == [12, 2]  # EOI predicts the text after the image
+    assert tg[10] == IGNORE  # no target across the document boundary
+    assert tg[11:13] == [13, 2] and tg[13] == IGNORE
+
+
+def test_diffusion_loss_is_per_image_mean_then_mean_over_images():
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=64, seed=4)
+    assert b.num_images >= 2
+    g = torch.Generator().manual_seed(0)
+    out = transfusion_loss(model, b, NoiseSchedule(), generator=g)
+    # recompute by hand with the same draws
+    g = torch.Generator().manual_seed(0)
+    from transfusion.losses import noised_patches
+
+    x_t, t, noise, img = noised_patches(b, NoiseSchedule(), g)
+    with torch.no_grad():
+        eps = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x_t, t).eps
+    per_image = [((eps[img == k] - noise[img == k]) ** 2).mean() for k in range(b.num_images)]
+    assert torch.allclose(out.diffusion_loss, torch.stack(per_image).mean(), atol=1e-6)
+    assert torch.allclose(out.loss, out.lm_loss + 5 * out.diffusion_loss)
+
+
+def test_text_only_batch_has_zero_diffusion_loss_and_still_backprops():
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=32, seed=0, max_images=0)
+    out = transfusion_loss(model, b, NoiseSchedule())
+    assert out.n_images == 0 and float(out.diffusion_loss) == 0.0
+    out.loss.backward()
+    assert model.patch.proj_in.weight.grad is not None  # patch encoder ran on zero patches (SPMD)
+
+
+def test_tiny_model_overfits_a_fixed_mixed_batch():
+    """Both losses fall >= 10x on one fixed batch with fixed noise and timesteps."""
+    model = micro_model(seed=0).train()
+    b = random_batch(model.cfg, B=2, L=48, seed=7, max_docs=1)
+    assert b.num_images >= 1
+    sched = NoiseSchedule()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for step in range(150):
+        out = transfusion_loss(model, b, sched, generator=torch.Generator().manual_seed(0))
+        if first is None:
+            first = (float(out.lm_loss), float(out.diffusion_loss))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    last = (float(out.lm_loss), float(out.diffusion_loss))
+    assert last[0] < first[0] / 10, (first, last)
+    assert last[1] < first[1] / 10, (first, last)

@@ -1,0 +1,180 @@
+import pytest
+import torch
+
+from core_helpers import micro_model, one_image_batch, random_batch
+from transfusion.batch import BatchError, MixedBatch
+from transfusion.config import ConfigError, ModelConfig
+from transfusion.model.patch import patchify, unpatchify
+from transfusion.model.transfusion import Transfusion
+
+
+def _args(b, t=None):
+    t = torch.full((b.patches.shape[0],), 500) if t is None else t
+    return (b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, t)
+
+
+@pytest.mark.parametrize("name,target", [("0.16B", 0.16e9), ("0.37B", 0.37e9), ("0.76B", 0.76e9),
+                                         ("1.4B", 1.4e9), ("7B", 7e9)])
+def test_paper_sizes_within_10_percent(name, target):
+    with torch.device("meta"):
+        model = Transfusion(ModelConfig.from_name(name))
+    assert abs(model.num_params() - target) / target < 0.10
+
+
+def test_meta_build_then_init_weights_initialises_everything():
+    cfg = ModelConfig.from_name("micro")
+    with torch.device("meta"):
+        model = Transfusion(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.isfinite(t).all(), name
+    assert torch.allclose(model.rope.cos[0], torch.ones_like(model.rope.cos[0]))
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match="unknown model config 'huge'.*0.16B"):
+        ModelConfig.from_name("huge")
+
+
+def test_patchify_roundtrip_and_order():
+    img = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    p = patchify(img, 2)
+    assert p.shape == (2, 4, 12)
+    assert torch.equal(p[0, 1, :4], img[0, 0, 0:2, 2:4].flatten())  # 2nd patch = top-right window, channel 0
+    assert torch.equal(unpatchify(p, 2, 3, 4, 4), img)
+
+
+def _safe_splits(image_ids, k):
+    """Split points that cut no image (decoding never splits an image across cache calls)."""
+    L = image_ids.shape[1]
+    ok = [s for s in range(1, L) if bool(((image_ids[:, s - 1] < 0) | (image_ids[:, s - 1] != image_ids[:, s])).all())]
+    step = max(1, len(ok) // (k + 1))
+    return ok[step::step][:k]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kv_cached_decoding_equals_uncached(seed):
+    """Prefix through the cache in chunks (down to single tokens) == one uncached pass: logits and eps."""
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=60, seed=seed, max_docs=2)
+    t = torch.randint(0, 1000, (b.patches.shape[0],))
+    is_img = b.image_ids >= 0
+    eps_full = torch.zeros(*is_img.shape, model.cfg.patch_dim)
+    eps_cached = torch.zeros_like(eps_full)
+    patch_at = torch.full(is_img.shape, -1)
+    patch_at[is_img] = torch.arange(int(is_img.sum()))  # index into b.patches of each image position
+    bounds = [0] + _safe_splits(b.image_ids, 4) + [60]
+    assert len(bounds) >= 4
+    with torch.no_grad():
+        full = model(*_args(b, t))
+        eps_full[is_img] = full.eps
+        cache = model.new_cache(2, 64)
+        logits = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            sl = slice(lo, hi)
+            idx = patch_at[:, sl][is_img[:, sl]]
+            o = model(b.tokens[:, sl], b.image_ids[:, sl], b.doc_ids[:, sl], b.positions[:, sl],
+                      b.patches[idx], t[idx], cache=cache)
+            logits.append(o.logits)
+            m = torch.zeros_like(is_img)
+            m[:, sl] = is_img[:, sl]
+            eps_cached[m] = o.eps
+    assert cache.length == 60
+    assert (torch.cat(logits, 1) - full.logits).abs().max() < 1e-5
+    assert (eps_cached - eps_full).abs().max() < 1e-5
+
+
+def test_uncommitted_steps_do_not_change_the_cache():
+    """Diffusion steps (commit=False) overwrite the same slots; the prefix stays valid."""
+    model = micro_model()
+    cfg = model.cfg
+    n = cfg.patches_per_image
+    prefix = torch.randint(5, 100, (1, 7))
+    L = 7 + n
+    tokens = torch.cat([prefix, torch.zeros(1, n, dtype=torch.long)], 1)
+    image_ids = torch.tensor([[-1] * 7 + [0] * n])
+    docs = torch.zeros(1, L, dtype=torch.long)
+    pos = torch.arange(L)[None]
+    with torch.no_grad():
+        cache = model.new_cache(1, L)
+        model(tokens[:, :7], image_ids[:, :7], docs[:, :7], pos[:, :7], torch.zeros(0, cfg.patch_dim),
+              torch.zeros(0, dtype=torch.long), cache=cache)
+        for step in range(3):
+            x = torch.randn(n, cfg.patch_dim)
+            t = torch.full((n,), 900 - 300 * step)
+            cached = model(tokens[:, 7:], image_ids[:, 7:], docs[:, 7:], pos[:, 7:], x, t, cache=cache,
+                           commit=False)
+            full = model(tokens, image_ids, docs, pos, x, t)
+            assert cache.length == 7
+            assert (cached.eps - full.eps).abs().max() < 1e-5
+
+
+def test_future_text_never_changes_past_but_later_patch_changes_earlier_patch():
+    model = micro_model()
+    b = one_image_batch(model.cfg)
+    is_img = b.image_ids[0] >= 0
+    first, last = int(is_img.nonzero()[0]), int(is_img.nonzero()[-1])
+    with torch.no_grad():
+        base = model(*_args(b))
+        # change the final text token: nothing before it may change
+        b2 = MixedBatch(**{**b.__dict__, "tokens": b.tokens.clone()})
+        b2.tokens[0, -1] = (b2.tokens[0, -1] + 1) % model.cfg.vocab_size
+        out2 = model(*_args(b2))
+        assert torch.equal(out2.logits[0, :-1], base.logits[0, :-1])
+        assert torch.equal(out2.eps, base.eps)
+        # change the image's last patch: its first patch's prediction changes (bidirectional within the image)
+        b3 = MixedBatch(**{**b.__dict__, "patches": b.patches.clone()})
+        b3.patches[-1] += 1.0
+        out3 = model(*_args(b3))
+        assert not torch.allclose(out3.eps[0], base.eps[0])
+        assert torch.equal(out3.logits[0, :first], base.logits[0, :first])  # text before the image unchanged
+
+
+def test_causal_ablation_makes_earlier_patches_blind_to_later_ones():
+    model = micro_model(attention_mask="causal")
+    b = one_image_batch(model.cfg)
+    with torch.no_grad():
+        base = model(*_args(b))
+        b3 = MixedBatch(**{**b.__dict__, "patches": b.patches.clone()})
+        b3.patches[-1] += 1.0
+        assert torch.equal(model(*_args(b3)).eps[0], base.eps[0])
+
+
+def test_documents_do_not_attend_across():
+    model = micro_model()
+    b = random_batch(model.cfg, B=1, L=40, seed=0, max_images=0, max_docs=1)
+    b.doc_ids[0, 20:] = 1
+    b.positions[0, 20:] = torch.arange(20)
+    with torch.no_grad():
+        base = model(*_args(b)).logits
+        tokens = b.tokens.clone(); tokens[0, :20] = torch.randint(5, 100, (20,))
+        other = model(tokens, *_args(b)[1:]).logits
+    assert torch.allclose(base[0, 20:], other[0, 20:], atol=1e-6)
+
+
+def test_bad_batches_raise_clear_errors():
+    cfg = ModelConfig.from_name("micro")
+    b = random_batch(cfg, B=2, L=64, seed=1)
+    assert b.num_images > 0
+    b.validate(cfg.patch_dim, cfg.patches_per_image, cfg.vocab_size)
+    short = MixedBatch(**{**b.__dict__, "patches": b.patches[:-3]})
+    with pytest.raises(BatchError, match="do not fit"):
+        short.validate(cfg.patch_dim, cfg.patches_per_image)
+    wrong = MixedBatch(**{**b.__dict__, "patches": torch.zeros(b.patches.shape[0], 5)})
+    with pytest.raises(BatchError, match=r"expected \(P, 12\)"):
+        wrong.validate(cfg.patch_dim, cfg.patches_per_image)
+    with pytest.raises(BatchError, match="vocabulary"):
+        b.validate(cfg.patch_dim, cfg.patches_per_image, vocab_size=50)
+    split = MixedBatch(**{**b.__dict__, "image_ids": b.image_ids.clone()})
+    pos = (split.image_ids[0] >= 0).nonzero()
+    split.image_ids[0, int(pos[0])] = -1
+    with pytest.raises(BatchError):
+        split.validate(cfg.patch_dim, cfg.patches_per_image)
+
+
+def test_position_beyond_max_seq_len_is_an_error():
+    model = micro_model()
+    b = random_batch(model.cfg, B=1, L=16, seed=0, max_images=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(b.tokens, b.image_ids, b.doc_ids, b.positions + 10_000, b.patches, torch.zeros(0, dtype=torch.long))
