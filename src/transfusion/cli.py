@@ -1,0 +1,261 @@
+"""`transfusion` command line: prepare, train, sample, caption, generate, eval.
+
+Errors a user can fix (bad config key, missing data, corrupt checkpoint, diverged run, bad image) print one
+`error: ...` line and exit with status 2 — no traceback. Set TRANSFUSION_DEBUG=1 to get the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfusion import config as config_mod
+
+
+class CLIError(RuntimeError):
+    """A problem with command-line input (e.g. an unreadable image)."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Error types that carry a user-facing message; imported lazily so `--help` stays fast."""
+    from transfusion.batch import BatchError
+    from transfusion.checkpoint import CheckpointError
+    from transfusion.data.fashion import DatasetMissing
+    from transfusion.train import TrainingDiverged
+
+    errors: list[type[BaseException]] = [
+        config_mod.ConfigError, CheckpointError, DatasetMissing, TrainingDiverged, BatchError, CLIError,
+    ]
+    try:
+        from transfusion.tokenizer import TokenizerError
+
+        errors.append(TokenizerError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _load(ckpt: str, no_ema: bool) -> tuple[Any, config_mod.Config, Any]:
+    from transfusion.checkpoint import load_for_inference, tokenizer_path_for
+    from transfusion.tokenizer import Tokenizer
+
+    model, cfg, path = load_for_inference(ckpt, use_ema=not no_ema)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    return model, cfg, Tokenizer.load(tokenizer_path_for(path, cfg))
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def read_image(path: str, cfg: config_mod.ModelConfig) -> torch.Tensor:
+    """A PNG/JPEG -> (1, C, H, W) in [-1, 1] at the model's resolution; CLIError if it is not an image."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if cfg.image_channels == 3 else "L").resize(
+                (cfg.image_size, cfg.image_size), Image.BILINEAR
+            )
+            arr = np.asarray(im, dtype=np.float32)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"cannot read image {path}: {e}") from None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, C, H, W)
+    return x / 127.5 - 1.0
+
+
+def _save_images(images: torch.Tensor, path: Path, scale: int) -> None:
+    from transfusion.metrics import save_image_grid
+
+    save_image_grid(images.float().cpu(), path, nrow=min(8, images.shape[0]), scale=scale, pad=0 if len(images) == 1 else 2)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from transfusion.train import train
+
+    cfg = config_mod.load(args.config, args.set)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.generate import generate_images
+
+    model, cfg, tok = _load(args.ckpt, args.no_ema)
+    schedule = NoiseSchedule(cfg.diffusion.num_train_steps)
+    with torch.no_grad():
+        images = generate_images(
+            model, tok, [args.prompt] * args.n, schedule,
+            steps=args.steps or cfg.eval.sample_steps,
+            cfg_scale=cfg.eval.cfg_scale if args.cfg is None else args.cfg,
+            sampler=args.sampler or cfg.eval.sampler.value,
+            generator=_generator(args.seed), progress=True,
+        )
+    _save_images(images, Path(args.out), args.scale)
+    print(f"wrote {args.out} ({args.n} image{'s' if args.n > 1 else ''} for {args.prompt!r})")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from transfusion.generate import caption_images
+
+    model, cfg, tok = _load(args.ckpt, args.no_ema)
+    images = torch.cat([read_image(p, cfg.model) for p in args.image])
+    with torch.no_grad():
+        captions = caption_images(model, tok, images, max_new_tokens=args.max_new_tokens)
+    for path, text in zip(args.image, captions):
+        print(text if len(args.image) == 1 else f"{path}\t{text}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transfusion.generate import generate
+
+    model, cfg, tok = _load(args.ckpt, args.no_ema)
+    out_dir = Path(args.out_dir)
+    with torch.no_grad():
+        parts = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                         generator=_generator(args.seed))
+    pieces, n_img = [args.prompt], 0
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            path = out_dir / f"{args.name}_{n_img:02d}.png"
+            _save_images(part if part.dim() == 4 else part[None], path, args.scale)
+            pieces.append(f"[image: {path}]")
+            n_img += 1
+        else:
+            pieces.append(str(part))
+    print("".join(p if not p.startswith("[image") else f"\n{p}\n" for p in pieces))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Report what the data pipeline will use: dataset location (or how to get it) and the tokenizer."""
+    from transfusion.data.fashion import fashion_dir
+
+    cfg = config_mod.load(args.config, args.set)
+    root = fashion_dir()
+    print(f"Fashion-MNIST: {root or 'not installed (sudo apt-get install dataset-fashion-mnist; or make data)'}")
+    print(f"use_full_dataset = {cfg.data.use_full_dataset}")
+    try:
+        from transfusion.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(cfg.data.tokenizer or None)
+        print(f"tokenizer: {getattr(tok, 'source', '?')} ({tok.vocab_size} tokens; model.vocab_size "
+              f"{cfg.model.vocab_size})")
+    except ImportError:
+        print("tokenizer: module not available")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (FID, alignment, CIDEr, perplexity)")
+    try:
+        from transfusion.evaluate.report import add_eval_args, run_eval
+    except ImportError:
+        p.set_defaults(func=lambda a: _missing("the evaluation suite (transfusion.evaluate.report)"))
+        return
+    add_eval_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        result = run_eval(a)
+        return result if isinstance(result, int) else 0
+
+    p.set_defaults(func=run)
+
+
+def _missing(what: str) -> int:
+    print(f"error: {what} is not available in this build", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or a step directory")
+    p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transfusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a TOML config")
+    p.add_argument("config", help="TOML config, e.g. configs/tiny.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, PNGs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="text -> image(s)")
+    _add_inference_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="PNG path (a grid when --n > 1)")
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: eval.sample_steps)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: eval.cfg_scale)")
+    p.add_argument("--sampler", choices=[s.value for s in config_mod.Sampler], default=None)
+    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling for viewing")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("caption", help="image -> text")
+    _add_inference_args(p)
+    p.add_argument("--image", required=True, nargs="+", help="PNG/JPEG file(s)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("generate", help="free mode-switching generation: text, and images wherever BOI appears")
+    _add_inference_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out-dir", default=".", help="where generated images are saved")
+    p.add_argument("--name", default="generated", help="image file name prefix")
+    p.add_argument("--scale", type=int, default=4)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare", help="check the data and tokenizer a config will use")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_prepare)
+
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    known = _known_errors()
+    try:
+        return int(args.func(args))
+    except known as e:
+        if os.environ.get("TRANSFUSION_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
