@@ -1,0 +1,133 @@
+"""The training/evaluation data loader: an infinite, deterministic, rank-sharded stream of MixedBatch.
+
+Batch `step` is a pure function of (train.seed, split, step): the global batch of `train.batch_size` rows is
+planned from an RNG seeded with those three numbers, and rank r keeps rows [r*b, (r+1)*b) with
+b = batch_size // world_size. Hence:
+- ranks never overlap, and the union of their slices is exactly the world_size=1 batch;
+- resuming needs only the step (`state_dict`), and a run may resume on a different number of ranks;
+- only the rank's own images are rendered; planning the whole global batch is a few hundred microseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from transfusion.batch import MixedBatch
+from transfusion.config import Config, ConfigError
+from transfusion.data.colour_fashion import colour_fashion_set
+from transfusion.data.folder import SkipStats, load_folder
+from transfusion.data.image_text import ImageTextSet
+from transfusion.data.mixture import DocumentSampler, MixtureSpec
+from transfusion.data.packing import collate, pack_rows
+from transfusion.data.sequences import Specials
+from transfusion.data.text_corpus import TokenCorpus, shakespeare_corpus
+from transfusion.tokenizer import Tokenizer
+
+SPLITS = {"train": 0, "test": 1}
+MAX_TEXT_TOKENS = 254  # longest text passage: a text document is at most 256 positions (BOS + 254 + EOS)
+
+
+@dataclass
+class DataSources:
+    images: ImageTextSet | None
+    corpus: TokenCorpus | None
+    stats: SkipStats
+
+
+def load_sources(cfg: Config, tokenizer: Tokenizer, split: str) -> DataSources:
+    """Images (colour fashion or a user folder) and text (Shakespeare) of a split, as the config asks."""
+    d, m = cfg.data, cfg.model
+    stats = SkipStats()
+    images: ImageTextSet | None = None
+    if d.text_ratio < 1:
+        if m.image_channels != 3:
+            raise ConfigError(f"the {d.dataset!r} dataset gives RGB pixels; set model.image_channels = 3")
+        if d.dataset == "colour_fashion":
+            images = colour_fashion_set(tokenizer, split, m.image_size, d.use_full_dataset)
+            stats.used = len(images)
+        elif d.dataset == "folder":
+            if not d.folder:
+                raise ConfigError('data.dataset = "folder" needs data.folder = DIR (images + captions.jsonl)')
+            images, stats = load_folder(d.folder, tokenizer, m.image_size, d.max_caption_tokens)  # both splits
+        else:
+            raise ConfigError(f"data.dataset={d.dataset!r}: expected 'colour_fashion' or 'folder'")
+    corpus = shakespeare_corpus(tokenizer, split) if d.text_ratio > 0 else None
+    return DataSources(images, corpus, stats)
+
+
+class Loader:
+    """Iterate to get MixedBatch; `batch_at(step)` is random access; see the module docstring."""
+
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, sources: DataSources, split: str = "train",
+                 rank: int = 0, world_size: int = 1):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, not {split!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        bs = cfg.train.batch_size
+        if bs <= 0 or bs % world_size:
+            raise ConfigError(f"train.batch_size={bs} must be a positive multiple of world_size={world_size}")
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                              f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
+        self.cfg, self.sources, self.split = cfg, sources, split
+        self.rank, self.world_size = rank, world_size
+        self.rows = bs // world_size
+        self.seq_len = cfg.data.seq_len
+        self.specials = Specials.of(tokenizer)
+        self.spec = MixtureSpec(
+            text_ratio=cfg.data.text_ratio, image_first_prob=cfg.data.image_first_prob,
+            caption_dropout=cfg.data.caption_dropout, patches_per_image=cfg.model.patches_per_image,
+            num_train_steps=cfg.diffusion.num_train_steps, noise_limit=cfg.diffusion.noise_limit,
+            max_text_tokens=min(MAX_TEXT_TOKENS, self.seq_len - 2),
+        )
+        self._check_fits()
+        self.step = 0
+
+    def _check_fits(self) -> None:
+        if self.sources.images is None:
+            return
+        longest = 4 + self.spec.patches_per_image + self.sources.images.max_caption_len()  # BOS BOI EOI EOS
+        if longest > self.seq_len:
+            raise ConfigError(f"an image document needs up to {longest} positions but data.seq_len="
+                              f"{self.seq_len}; raise data.seq_len or lower data.max_caption_tokens")
+
+    @property
+    def stats(self) -> SkipStats:
+        return self.sources.stats
+
+    def plan(self, step: int) -> list:
+        """The documents of every row of global batch `step` (all ranks), without rendering images."""
+        rng = np.random.default_rng([self.cfg.train.seed, SPLITS[self.split], step])
+        sampler = DocumentSampler(rng, self.spec, self.specials, self.sources.images, self.sources.corpus)
+        return pack_rows(sampler, self.rows * self.world_size, self.seq_len)
+
+    def batch_at(self, step: int) -> MixedBatch:
+        rows = self.plan(step)[self.rank * self.rows:(self.rank + 1) * self.rows]
+        m = self.cfg.model
+        return collate(rows, self.seq_len, self.specials.pad, self.sources.images, m.patch_size, m.image_channels)
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> MixedBatch:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """The global step is all there is to resume (world-size independent); the rest is for checks."""
+        return {"step": self.step, "seed": self.cfg.train.seed, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.cfg.train.seed) != self.cfg.train.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run has {self.cfg.train.seed}")
+        self.step = int(state["step"])
+
+
+def build_loader(cfg: Config, tokenizer: Tokenizer, split: str = "train", rank: int = 0,
+                 world_size: int = 1) -> Loader:
+    """The loader of the contracts (docs/contracts.md); loads and caches its data sources."""
+    return Loader(cfg, tokenizer, load_sources(cfg, tokenizer, split), split, rank, world_size)

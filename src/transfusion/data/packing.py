@@ -1,0 +1,106 @@
+"""Packing documents into fixed-length rows, and turning rows into a MixedBatch (layout in batch.py).
+
+Rules (so attention, positions and losses never mix documents):
+- each document gets its own doc id within the row, and positions restart at 0 for every document;
+- an image document is never split: if it does not fit in what is left of a row, it moves whole to the next
+  row and the gap is filled with a text passage (or padding when no text fits);
+- text-only documents may be cut at the row end;
+- what is left at the end of a row is one padding document of PAD tokens that is never an LM target.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from transfusion.batch import MixedBatch, make_lm_targets
+from transfusion.data.image_text import ImageTextSet
+from transfusion.data.sequences import PATCH, Document
+from transfusion.model.patch import patchify
+
+
+class DocumentSource(Protocol):
+    def next(self, room: int) -> Document | None: ...
+
+    def text(self, room: int) -> Document | None: ...
+
+
+def pack_rows(source: DocumentSource, n_rows: int, seq_len: int) -> list[list[Document]]:
+    """Greedily fill `n_rows` rows of `seq_len` positions with documents from `source`."""
+    rows: list[list[Document]] = []
+    carry: Document | None = None
+    for _ in range(n_rows):
+        row: list[Document] = []
+        room = seq_len
+        if carry is not None:
+            row.append(carry)
+            room -= len(carry)
+            carry = None
+        while room > 0:
+            doc = source.next(room)
+            if doc is None:
+                break  # only padding fits
+            if len(doc) > seq_len and not doc.splittable:
+                raise ValueError(
+                    f"an image document of {len(doc)} positions cannot fit a row of data.seq_len={seq_len}; "
+                    "raise data.seq_len or lower data.max_caption_tokens"
+                )
+            if len(doc) <= room:
+                row.append(doc)
+                room -= len(doc)
+            elif doc.splittable:
+                row.append(doc.truncated(room))
+                room = 0
+            else:  # an image never straddles rows: it opens the next row, the gap gets text or padding
+                carry = doc
+                filler = source.text(room)
+                if filler is not None:
+                    row.append(filler if len(filler) <= room else filler.truncated(room))
+                break
+        rows.append(row)
+    return rows
+
+
+def collate(rows: list[list[Document]], seq_len: int, pad_id: int, images: ImageTextSet | None,
+            patch_size: int, channels: int = 3) -> MixedBatch:
+    """Rows of documents -> MixedBatch; images are rendered and patchified here, only for these rows."""
+    B, L = len(rows), seq_len
+    tokens = np.full((B, L), pad_id, dtype=np.int64)
+    image_ids = np.full((B, L), -1, dtype=np.int64)
+    doc_ids = np.zeros((B, L), dtype=np.int64)
+    positions = np.zeros((B, L), dtype=np.int64)
+    picked: list[int] = []  # ImageTextSet index of batch image k
+    max_t: list[int] = []
+    for b, row in enumerate(rows):
+        at = 0
+        for d, doc in enumerate(row):
+            n = len(doc)
+            tokens[b, at:at + n] = doc.tokens
+            doc_ids[b, at:at + n] = d
+            positions[b, at:at + n] = np.arange(n)
+            if doc.image >= 0:
+                span = slice(at + doc.image_start, at + doc.image_start + int((doc.tokens == PATCH).sum()))
+                image_ids[b, span] = len(picked)
+                picked.append(doc.image)
+                max_t.append(doc.max_t)
+            at += n
+        if at < L:  # the padding document
+            doc_ids[b, at:] = len(row)
+            positions[b, at:] = np.arange(L - at)
+    tokens[image_ids >= 0] = pad_id
+    t = {k: torch.from_numpy(v) for k, v in
+         dict(tokens=tokens, image_ids=image_ids, doc_ids=doc_ids, positions=positions).items()}
+    if picked:
+        assert images is not None
+        patches = patchify(images.render(np.asarray(picked)), patch_size)  # (N, n, D)
+        patches = patches.reshape(-1, patches.shape[-1])  # (P, D), reading order = image k then raster
+    else:
+        patches = torch.zeros(0, channels * patch_size**2)
+    loss_mask = t["tokens"] != pad_id  # PAD is never a target
+    return MixedBatch(
+        tokens=t["tokens"], image_ids=t["image_ids"], doc_ids=t["doc_ids"], positions=t["positions"],
+        lm_targets=make_lm_targets(t["tokens"], t["image_ids"], t["doc_ids"], loss_mask),
+        patches=patches.contiguous(), image_max_t=torch.tensor(max_t, dtype=torch.long),
+    )

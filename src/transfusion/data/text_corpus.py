@@ -1,0 +1,106 @@
+"""A tokenized text corpus from which text-only documents are cut (Shakespeare by default).
+
+Passages start at a line start and, when possible, end at a line end, so EOS is learnt where a passage ends
+and generation prompts look like the training text. Tokenizing the 4.6 MB training plays takes ~8 s on two
+cores, so the token ids are cached on disk (keyed by a hash of the tokenizer and the text) and in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transfusion.data import shakespeare
+from transfusion.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenCorpus:
+    ids: np.ndarray  # (n,) int64 token ids of all texts, concatenated
+    text_starts: np.ndarray  # (n_texts + 1,) offset of each text in `ids`, then len(ids)
+    line_starts: np.ndarray  # sorted offsets where a line starts (text starts included)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def sample(self, rng: np.random.Generator, max_tokens: int) -> tuple[np.ndarray, bool]:
+        """A passage of at most `max_tokens` tokens -> (ids, complete: it ends at a line end)."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        pos = int(rng.integers(len(self.ids)))
+        j = int(np.searchsorted(self.line_starts, pos))
+        start = int(self.line_starts[j]) if j < len(self.line_starts) else pos
+        start = min(start, len(self.ids) - 1)
+        text_end = int(self.text_starts[np.searchsorted(self.text_starts, start, side="right")])
+        end = min(start + max_tokens, text_end)
+        k = int(np.searchsorted(self.line_starts, end, side="right")) - 1
+        if end == text_end:
+            return self.ids[start:end], True
+        if k >= 0 and int(self.line_starts[k]) > start + max_tokens // 2:  # cut at a line end, keeping >= half
+            return self.ids[start:int(self.line_starts[k])], True
+        return self.ids[start:end], False
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TRANSFUSION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transfusion")
+    return Path(base)
+
+
+def build_corpus(tokenizer: Tokenizer, texts: list[str], cache: bool = True) -> TokenCorpus:
+    """Tokenize `texts` (one string per document) into a TokenCorpus, reusing the on-disk cache."""
+    key = hashlib.sha256(tokenizer.hf.to_str().encode())
+    for t in texts:
+        key.update(t.encode("utf-8") + b"\0")
+    path = cache_dir() / f"corpus-{key.hexdigest()[:24]}.npz"
+    if cache and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                ids, lengths = z["ids"].astype(np.int64), z["lengths"].astype(np.int64)
+        except (OSError, ValueError, KeyError):  # a damaged cache is rebuilt, never trusted
+            ids = None
+        if ids is not None:
+            return _corpus(tokenizer, ids, lengths)
+    parts = tokenizer.encode_batch(texts)
+    ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    if cache:
+        _save_atomic(path, ids=ids.astype(np.uint16 if tokenizer.vocab_size < 65536 else np.int32), lengths=lengths)
+    return _corpus(tokenizer, ids, lengths)
+
+
+def _corpus(tokenizer: Tokenizer, ids: np.ndarray, lengths: np.ndarray) -> TokenCorpus:
+    if len(ids) == 0:
+        raise ValueError("the text corpus is empty")
+    text_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    newline = tokenizer.encode("\n")
+    line_starts = text_starts[:-1]
+    if len(newline) == 1:  # the tokenizer keeps "\n" as its own token: lines start right after it
+        line_starts = np.union1d(line_starts, np.flatnonzero(ids == newline[0]) + 1)
+    return TokenCorpus(ids, text_starts, line_starts[line_starts < len(ids)])
+
+
+def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """Write then rename, so concurrent ranks and killed runs never leave a half-written cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the re-tokenization next time
+
+
+_MEMO: dict[tuple[str, str], TokenCorpus] = {}
+
+
+def shakespeare_corpus(tokenizer: Tokenizer, split: str) -> TokenCorpus:
+    """Tokenized Shakespeare of a split ('train': training plays, 'test': the held-out plays), memoised."""
+    key = (hashlib.sha256(tokenizer.hf.to_str().encode()).hexdigest(), split)
+    if key not in _MEMO:
+        _MEMO[key] = build_corpus(tokenizer, shakespeare.load_texts(split))
+    return _MEMO[key]
