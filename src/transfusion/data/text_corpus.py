@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,7 @@ class TokenCorpus:
             raise ValueError("max_tokens must be >= 1")
         pos = int(rng.integers(len(self.ids)))
         j = int(np.searchsorted(self.line_starts, pos))
-        start = int(self.line_starts[j]) if j < len(self.line_starts) else pos
-        start = min(start, len(self.ids) - 1)
+        start = int(self.line_starts[min(j, len(self.line_starts) - 1)])  # past the last line start: use it
         text_end = int(self.text_starts[np.searchsorted(self.text_starts, start, side="right")])
         end = min(start + max_tokens, text_end)
         k = int(np.searchsorted(self.line_starts, end, side="right")) - 1
@@ -51,26 +51,29 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def build_corpus(tokenizer: Tokenizer, texts: list[str], cache: bool = True) -> TokenCorpus:
-    """Tokenize `texts` (one string per document) into a TokenCorpus, reusing the on-disk cache."""
-    key = hashlib.sha256(tokenizer.hf.to_str().encode())
-    for t in texts:
-        key.update(t.encode("utf-8") + b"\0")
-    path = cache_dir() / f"corpus-{key.hexdigest()[:24]}.npz"
-    if cache and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                ids, lengths = z["ids"].astype(np.int64), z["lengths"].astype(np.int64)
-        except (OSError, ValueError, KeyError):  # a damaged cache is rebuilt, never trusted
-            ids = None
-        if ids is not None:
-            return _corpus(tokenizer, ids, lengths)
+def build_corpus(tokenizer: Tokenizer, texts: list[str]) -> TokenCorpus:
+    """Tokenize `texts` (one string per document) into a TokenCorpus (no caching)."""
     parts = tokenizer.encode_batch(texts)
     ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
-    lengths = np.array([len(p) for p in parts], dtype=np.int64)
-    if cache:
-        _save_atomic(path, ids=ids.astype(np.uint16 if tokenizer.vocab_size < 65536 else np.int32), lengths=lengths)
-    return _corpus(tokenizer, ids, lengths)
+    return _corpus(tokenizer, ids, np.array([len(p) for p in parts], dtype=np.int64))
+
+
+def cached_corpus(tokenizer: Tokenizer, source_key: str, load_texts: Callable[[], list[str]]) -> TokenCorpus:
+    """`build_corpus(tokenizer, load_texts())`, cached on disk under a hash of the tokenizer and `source_key`
+    (which must change whenever the texts would), so a cache hit neither reads nor tokenizes the texts."""
+    key = hashlib.sha256(tokenizer.hf.to_str().encode() + b"\0" + source_key.encode()).hexdigest()[:24]
+    path = cache_dir() / f"corpus-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return _corpus(tokenizer, z["ids"].astype(np.int64), z["lengths"].astype(np.int64))
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt, never trusted
+    corpus = build_corpus(tokenizer, load_texts())
+    lengths = np.diff(corpus.text_starts)
+    small = np.uint16 if tokenizer.vocab_size < 65536 else np.int32
+    _save_atomic(path, ids=corpus.ids.astype(small), lengths=lengths)
+    return corpus
 
 
 def _corpus(tokenizer: Tokenizer, ids: np.ndarray, lengths: np.ndarray) -> TokenCorpus:
@@ -102,5 +105,6 @@ def shakespeare_corpus(tokenizer: Tokenizer, split: str) -> TokenCorpus:
     """Tokenized Shakespeare of a split ('train': training plays, 'test': the held-out plays), memoised."""
     key = (hashlib.sha256(tokenizer.hf.to_str().encode()).hexdigest(), split)
     if key not in _MEMO:
-        _MEMO[key] = build_corpus(tokenizer, shakespeare.load_texts(split))
+        _MEMO[key] = cached_corpus(tokenizer, f"shakespeare/{split}/{shakespeare.fingerprint(split)}",
+                                   lambda: shakespeare.load_texts(split))
     return _MEMO[key]
