@@ -76,3 +76,13 @@ def test_fallback_warns_once(monkeypatch, capsys):
     assert len(images) == 3000
     err = capsys.readouterr().err
     assert err.count("WARNING") == 1 and "apt-get install dataset-fashion-mnist" in err
+
+
+@pytest.mark.parametrize("size,k", [(28, 4), (8, 2)])
+def test_numpy_patches_equal_patchify_of_tint(size, k):
+    from transfusion.model.patch import patchify
+
+    s = cf.colour_fashion_set(Tokenizer.load(), "test", size, use_full_dataset=False)
+    idx = np.array([5, 0, 999, 5])
+    ref = patchify(s.render(idx), k).reshape(-1, 3 * k * k)
+    assert torch.equal(s.patches(idx, k), ref)

@@ -18,7 +18,6 @@ import torch
 from transfusion.batch import MixedBatch, make_lm_targets
 from transfusion.data.image_text import ImageTextSet
 from transfusion.data.sequences import PATCH, Document
-from transfusion.model.patch import patchify
 
 
 class DocumentSource(Protocol):
@@ -94,8 +93,7 @@ def collate(rows: list[list[Document]], seq_len: int, pad_id: int, images: Image
          dict(tokens=tokens, image_ids=image_ids, doc_ids=doc_ids, positions=positions).items()}
     if picked:
         assert images is not None
-        patches = patchify(images.render(np.asarray(picked)), patch_size)  # (N, n, D)
-        patches = patches.reshape(-1, patches.shape[-1])  # (P, D), reading order = image k then raster
+        patches = images.patches(np.asarray(picked), patch_size)  # (P, D): image k after k-1, raster order
     else:
         patches = torch.zeros(0, channels * patch_size**2)
     loss_mask = t["tokens"] != pad_id  # PAD is never a target
