@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue 5, "GPU"): run on a lent CUDA machine in one short call, never in CI.
+#
+#   bash benchmarks/gpu.sh            # prints one JSON object; also writes $OUT/gpu.json when $OUT is set
+#
+# 1. FlexAttention BlockMask == dense-mask SDPA on CUDA (same mask rule, model/masks.py), fp32 and bf16.
+# 2. Training steps (forward + backward + AdamW) of the paper's 0.16B config at sequence length 4096, bf16
+#    autocast + FlexAttention: eager (flex compiled, as the model does) and torch.compile(model).
+# 3. tokens/s and MFU = model FLOPs per step (FlopCounterMode on an SDPA twin step; flex is not counted by the
+#    counter) / step time / the card's measured bf16 matmul rate. Goal: >= 45% MFU.
+# Uses whatever torch the machine has (>= 2.6; the lent machines have 2.11) with src/ on PYTHONPATH.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT/src:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+export GPU_BENCH_STEPS="${GPU_BENCH_STEPS:-6}" GPU_BENCH_BATCH="${GPU_BENCH_BATCH:-4}"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >&2 || true
+
+"$PYTHON" - <<'PYEOF'
+import json, os, time
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from transfusion.config import AttentionImpl, ModelConfig
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.losses import transfusion_loss
+from transfusion.model.transfusion import Transfusion
+from common import Workload
+from ours import make_batch
+
+assert torch.cuda.is_available(), "gpu.sh needs a CUDA device"
+dev = torch.device("cuda")
+torch.backends.cuda.matmul.allow_tf32 = True
+STEPS, ROWS, SEQ = int(os.environ["GPU_BENCH_STEPS"]), int(os.environ["GPU_BENCH_BATCH"]), 4096
+result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, seq_len=SEQ, rows=ROWS)
+
+
+def matmul_peak(dtype, n=8192, iters=20):
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def batch_for(cfg, rows, length, n_images, caption):
+    w = Workload(vocab_size=cfg.vocab_size, image_size=cfg.image_size, image_channels=cfg.image_channels,
+                 patch_size=cfg.patch_size)
+    return make_batch(w, rows, length, n_images, caption).to(dev)
+
+
+def forward(model, b, t, dtype):
+    return model(b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches.to(dtype), t)
+
+
+@torch.no_grad()
+def flex_equals_sdpa():
+    out = {}
+    cfg = ModelConfig.from_name("micro", max_seq_len=512)
+    b = batch_for(cfg, 2, 256, 3, 20)
+    t = torch.randint(0, 1000, (b.patches.shape[0],), device=dev)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        sdpa = Transfusion(cfg).to(dev, dtype).eval()
+        flex = Transfusion(ModelConfig.from_name("micro", max_seq_len=512, attention_impl=AttentionImpl.FLEX))
+        flex.load_state_dict(sdpa.state_dict())
+        flex = flex.to(dev, dtype).eval()
+        a, c = forward(sdpa, b, t, dtype), forward(flex, b, t, dtype)
+        err = max((a.logits - c.logits).abs().max().item(), (a.eps - c.eps).abs().max().item())
+        err = float(err)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        out[str(dtype).split(".")[-1]] = dict(max_abs_diff=err, tol=tol, equal=err <= tol)
+    return out
+
+
+def train_steps(model, b, steps):
+    schedule, gen = NoiseSchedule(1000), torch.Generator(device=dev).manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = transfusion_loss(model, b, schedule, generator=gen).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up (flex / model compilation happens here)
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], step
+
+
+def model_flops(cfg, b):
+    """FLOPs of one fwd+bwd step counted on an SDPA (dense mask) twin: same matmuls, attention counted dense."""
+    model = Transfusion(ModelConfig.from_name("0.16B", max_seq_len=SEQ)).to(dev)
+    schedule, gen = NoiseSchedule(1000), torch.Generator(device=dev).manual_seed(0)
+    with FlopCounterMode(display=False) as fc, torch.autocast("cuda", dtype=torch.bfloat16):
+        transfusion_loss(model, b, schedule, generator=gen).loss.backward()
+    del model
+    torch.cuda.empty_cache()
+    return fc.get_total_flops()
+
+
+result["flex_equals_sdpa"] = flex_equals_sdpa()
+result["matmul_peak_tflops"] = {"bf16": matmul_peak(torch.bfloat16) / 1e12}
+cfg = ModelConfig.from_name("0.16B", max_seq_len=SEQ, attention_impl=AttentionImpl.FLEX)
+n_img = 12  # 12 x (60 caption + BOI + 256 patches + EOI) + text fill = 4096 per row
+b = batch_for(cfg, ROWS, SEQ, n_img, 60)
+flops = model_flops(cfg, b)
+result["flops_per_step"] = flops
+peak = result["matmul_peak_tflops"]["bf16"] * 1e12
+for mode in ("eager_flex", "compiled_model"):
+    torch.manual_seed(0)
+    model = Transfusion(cfg).to(dev).train()
+    if mode == "compiled_model":
+        model = torch.compile(model)
+    try:
+        step_s, _ = train_steps(model, b, STEPS)
+        result[mode] = dict(step_s=step_s, tokens_per_s=ROWS * SEQ / step_s, mfu=flops / step_s / peak,
+                            max_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+    except Exception as e:  # report and carry on: one mode failing must not lose the other's numbers
+        result[mode] = dict(error=f"{type(e).__name__}: {e}"[:2000])
+    del model
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+result["params"] = Transfusion(ModelConfig.from_name("0.16B", max_seq_len=SEQ)).num_params()
+text = json.dumps(result, indent=1)
+print(text)
+if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], "gpu.json"), "w") as f:
+        f.write(text)
+PYEOF
