@@ -127,13 +127,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from transfusion.diffusion.schedule import NoiseSchedule
     from transfusion.generate import generate
 
     model, cfg, tok = _load(args.ckpt, args.no_ema)
     out_dir = Path(args.out_dir)
     with torch.no_grad():
-        parts = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                         generator=_generator(args.seed))
+        parts = generate(
+            model, tok, args.prompt, NoiseSchedule(cfg.diffusion.num_train_steps),
+            max_new_tokens=args.max_new_tokens, steps=args.steps or cfg.eval.sample_steps,
+            cfg_scale=cfg.eval.cfg_scale if args.cfg is None else args.cfg, sampler=cfg.eval.sampler.value,
+            temperature=args.temperature, generator=_generator(args.seed),
+        )
     pieces, n_img = [args.prompt], 0
     for part in parts:
         if isinstance(part, torch.Tensor):
@@ -229,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 -> greedy (the paper's text decoding)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps per image (default: eval.sample_steps)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale for images (default: eval.cfg_scale)")
     p.add_argument("--out-dir", default=".", help="where generated images are saved")
     p.add_argument("--name", default="generated", help="image file name prefix")
     p.add_argument("--scale", type=int, default=4)

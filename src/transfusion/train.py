@@ -147,14 +147,6 @@ def split_rows(batch: MixedBatch, n: int) -> list[MixedBatch]:
     return out
 
 
-def _share(value: torch.Tensor, n: int, total: int) -> torch.Tensor:
-    """value * n / total — a micro-batch's share of a batch-mean loss. A micro-batch with nothing of this kind
-    (n == 0) contributes an exact zero that still touches the graph (every module runs every step: SPMD)."""
-    if n == 0 or total == 0:
-        return torch.nan_to_num(value) * 0.0
-    return value * (n / total)
-
-
 # ------------------------------------------------------------------------------------------ one step
 
 
@@ -174,21 +166,20 @@ def train_step(
     n_text = [int((mb.lm_targets != IGNORE).sum()) for mb in micro_batches]
     n_img = [mb.num_images for mb in micro_batches]
     tot_text, tot_img = sum(n_text), sum(n_img)
-    lm_sum = diff_sum = 0.0
+    lm_total = diff_total = 0.0
     tc = cfg.train
-    for mb, nt, ni in zip(micro_batches, n_text, n_img):
+    for mb in micro_batches:
         with _autocast(device, tc.bf16):
+            # normalised by the whole batch's counts, so the sum over micro-batches is the batch mean over text
+            # targets and over images, whatever the split (and, with an all-reduce of the counts, across ranks)
             out = transfusion_loss(
                 model, mb, schedule, lm_weight=tc.lm_weight, diffusion_weight=tc.diffusion_weight,
-                generator=generator,
+                generator=generator, normalizer=(tot_text, tot_img),
             )
-        # batch mean over text targets and over images, whatever the split into micro-batches
-        lm = _share(out.lm_loss.float(), nt, tot_text)
-        diff = _share(out.diffusion_loss.float(), ni, tot_img)
-        (tc.lm_weight * lm + tc.diffusion_weight * diff).backward()
-        lm_sum += float(lm.detach())
-        diff_sum += float(diff.detach())
-    loss = tc.lm_weight * lm_sum + tc.diffusion_weight * diff_sum
+        out.loss.backward()
+        lm_total += float(out.lm_loss)
+        diff_total += float(out.diffusion_loss)
+    loss = tc.lm_weight * lm_total + tc.diffusion_weight * diff_total
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
@@ -197,7 +188,7 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(mb.tokens.numel() for mb in micro_batches)
-    return StepStats(loss, lm_sum, diff_sum, grad_norm, skipped, tokens, tot_img)
+    return StepStats(loss, lm_total, diff_total, grad_norm, skipped, tokens, tot_img)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -409,8 +400,9 @@ def _summary(out: Path, state: TrainState, stats: StepStats | None, wall: float,
         "checkpoint": str(ckpt_mod.find_latest(out)),
     }
     data_stats = getattr(loader, "stats", None)
-    if data_stats:
-        summary["data_stats"] = dict(data_stats) if isinstance(data_stats, dict) else str(data_stats)
+    if data_stats is not None and hasattr(data_stats, "to_dict"):
+        summary["data"] = data_stats.to_dict()  # skipped inputs of a user folder, by reason
+        print(data_stats.summary(), file=sys.stderr)
     if state.skipped_steps:
         print(f"note: {state.skipped_steps} step(s) skipped for non-finite loss/gradient", file=sys.stderr)
     return summary
