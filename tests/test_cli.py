@@ -1,0 +1,94 @@
+"""CLI: argument parsing, smoke runs of train/sample/caption/generate on a micro model, and bad input ->
+one `error:` line with exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from transfusion import checkpoint as ck
+from transfusion.cli import build_parser, main
+
+from train_helpers import write_micro_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = write_micro_config(tmp / "c.toml", steps=6, ckpt_every=3, extra="ema = 0.9")
+    assert main(["train", str(cfg), "--out", str(tmp / "run"), "--no-progress", "--set", "train.seed=1"]) == 0
+    return tmp / "run"
+
+
+def test_parser_defaults() -> None:
+    p = build_parser()
+    a = p.parse_args(["sample", "--ckpt", "R", "--prompt", "a red bag", "--out", "x.png"])
+    assert (a.n, a.steps, a.cfg, a.seed, a.sampler, a.no_ema) == (1, 0, None, 0, None, False)
+    a = p.parse_args(["train", "c.toml", "--out", "R", "--set", "train.lr=1e-3", "--set", "train.steps=5", "--resume"])
+    assert a.set == ["train.lr=1e-3", "train.steps=5"] and a.resume
+    with pytest.raises(SystemExit):
+        p.parse_args(["sample", "--ckpt", "R", "--prompt", "x", "--out", "y.png", "--sampler", "euler"])
+
+
+def test_train_outputs(run_dir: Path) -> None:
+    for name in ("metrics.jsonl", "config.toml", "loss_curve.png"):
+        assert (run_dir / name).is_file()
+    latest = ck.resolve(run_dir)
+    assert latest.name == "step_00000006"
+    assert {ck.MODEL_FILE, ck.EMA_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.TOKENIZER_FILE} <= {p.name for p in latest.iterdir()}
+
+
+def test_sample_grid_and_single(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--ckpt", str(run_dir), "--prompt", "a red sneaker", "--out", str(out), "--n", "3",
+                 "--steps", "3", "--cfg", "2", "--sampler", "ddpm", "--seed", "7"]) == 0
+    w, h = Image.open(out).size
+    assert (w, h) == (3 * (8 * 4 + 4), 8 * 4 + 4)  # 3 images of 8x8 upscaled x4 with a 2-pixel frame
+    one = tmp_path / "one.png"
+    assert main(["sample", "--ckpt", str(run_dir), "--prompt", "a red sneaker", "--out", str(one), "--steps", "3",
+                 "--scale", "1", "--no-ema"]) == 0
+    assert Image.open(one).size == (8, 8)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_caption_and_generate(run_dir: Path, tmp_path: Path, capsys) -> None:
+    img = tmp_path / "in.png"
+    Image.new("RGB", (28, 28), (200, 20, 20)).save(img)
+    assert main(["caption", "--ckpt", str(run_dir), "--image", str(img), "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "a red bag <boi>", "--max-new-tokens", "3",
+                 "--steps", "2", "--out-dir", str(tmp_path / "gen")]) == 0
+    assert "[image:" in capsys.readouterr().out
+    assert (tmp_path / "gen" / "generated_00.png").is_file()
+
+
+def test_bad_inputs_exit_2(run_dir: Path, tmp_path: Path, capsys) -> None:
+    cfg = write_micro_config(tmp_path / "c.toml", steps=2)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.lrr'" in err and "'lr'" in err
+    assert main(["train", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["sample", "--ckpt", str(tmp_path / "nothing"), "--prompt", "x", "--out", "y.png"]) == 2
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["caption", "--ckpt", str(run_dir), "--image", str(bad)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_one_line_error(run_dir: Path, tmp_path: Path) -> None:
+    """Through a real subprocess: the user sees one `error:` line, no traceback."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ck.resolve(run_dir), broken)
+    w = broken / ck.MODEL_FILE
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    res = subprocess.run([sys.executable, "-m", "transfusion.cli", "sample", "--ckpt", str(broken), "--prompt", "x",
+                          "--out", str(tmp_path / "y.png")], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("error:") and "truncated or corrupt" in res.stderr
