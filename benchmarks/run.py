@@ -262,6 +262,45 @@ def summarize_quick(raw: dict[str, Any], peaks: dict[str, float]) -> dict[str, A
     return summary
 
 
+def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
+    return "n/a" if v is None else format(v, spec) + unit
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    """The docs/benchmarks.md table from a results JSON (`run.py --table FILE`)."""
+    t, tps, rss, m = res["targets"], res["train_tokens_per_s"], res["peak_rss_mb"], res["machine"]
+    pk = res["matmul_peak_gflops"]
+    rounds = res.get("train_speedup_per_round", {})
+    rows = [
+        ("Training tokens/s, fp32 (ours / peer)", f"{_fmt(tps['ours_fp32'], '.0f')} / {_fmt(tps['peer'], '.0f')}",
+         _fmt(t["train_speedup_fp32"]["value"], unit="x"), ">= 3x", t["train_speedup_fp32"]["met"],
+         ", ".join(_fmt(x) for x in rounds.get("fp32", []))),
+        ("Training tokens/s, ours bf16 autocast", _fmt(tps["ours_bf16"], ".0f"),
+         _fmt(t["train_speedup_bf16"]["value"], unit="x"), ">= 5x", t["train_speedup_bf16"]["met"],
+         ", ".join(_fmt(x) for x in rounds.get("bf16", []))),
+        ("MFU fp32 (FLOPs/step / step time / fp32 matmul peak)", _fmt(res["flops_per_step"] / 1e9 if res.get("flops_per_step") else None, ".1f", " GFLOP/step"),
+         _fmt(res["mfu_fp32"], ".1%"), ">= 60%", t["mfu_fp32"]["met"], f"bf16 MFU {_fmt(res.get('mfu_bf16'), '.1%')}"),
+        ("Sampling, caption -> image, s (ours / peer)",
+         f"{_fmt(res['sample_s']['ours'])} / {_fmt(res['sample_s']['peer'])}",
+         _fmt(t["sample_speedup_vs_peer"]["value"], unit="x"), ">= 4x", t["sample_speedup_vs_peer"]["met"],
+         ", ".join(_fmt(x) for x in res.get("sample_speedup_per_round", []))),
+        ("KV cache, diffusion step cached vs recomputed, 512 prefix", "", _fmt(res.get("kv_cache_speedup_512"), unit="x"),
+         ">= 3x", t["kv_cache_speedup_512"]["met"], f"68 prefix: {_fmt(res.get('kv_cache_speedup_68'), unit='x')}"),
+        ("Mask overhead, Transfusion vs causal kernel, L = 300", "", _fmt(res.get("mask_overhead_300"), "+.1%"),
+         "<= 10%", t["mask_overhead_300"]["met"], f"L = 2048: {_fmt(res.get('mask_overhead_2048'), '+.1%')}"),
+        ("Peak RSS of the training step, MB (ours / peer)", f"{_fmt(rss['ours'], '.0f')} / {_fmt(rss['peer'], '.0f')}",
+         _fmt(t["peak_rss_ratio"]["value"]), "<= 0.5", t["peak_rss_ratio"]["met"], ""),
+    ]
+    out = ["| measure | value | result | target | met | per round / notes |", "|---|---|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {d} | {'yes' if e else ('no' if e is False else 'n/a')} | {f} |"
+            for a, b, c, d, e, f in rows]
+    out.append("")
+    out.append(f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['threads']} threads, torch {m['torch']}; "
+               f"matmul peak fp32 {pk['fp32']:.0f} GFLOP/s, bf16 {pk['bf16']:.0f} GFLOP/s; load average "
+               f"{m['load_avg_start'][0]:.2f} at start, {m['load_avg_end'][0]:.2f} at end; wall {m['wall_s']:.0f} s.")
+    return "\n".join(out)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
@@ -273,12 +312,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed training steps per process")
     p.add_argument("--timeout", type=float, default=600.0, help="per subprocess, seconds")
+    p.add_argument("--table", type=Path, default=None, help="print the markdown table of a results JSON and exit")
     p.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to N s for load < 0.5 before starting")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     with_peer = not args.no_peer and (args.peer or not args.quick)
     if with_peer and not PEER_PYTHON.exists():
         print(f"[bench] {PEER_PYTHON} missing (run benchmarks/setup_peer.sh): peer skipped", file=sys.stderr)
