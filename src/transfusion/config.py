@@ -115,7 +115,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         image_channels=3, image_size=28, patch_size=4,
     ),
     "micro": dict(
-        n_layers=2, dim=64, n_heads=4, vocab_size=512, max_seq_len=256,
+        n_layers=2, dim=64, n_heads=4, vocab_size=2048, max_seq_len=256,
         image_channels=3, image_size=8, patch_size=2,
     ),
 }
@@ -170,6 +170,11 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive NaN/Inf losses before the run stops
     compile: bool = False
     activation_checkpointing: bool = False
+    # data parallel (torchrun; see docs/distributed.md)
+    fsdp_reshard_after_forward: bool = True  # False: keep gathered block weights until backward (memory for speed)
+    hsdp_replicate: int = 1  # > 1: HSDP, shard within groups of world_size/hsdp_replicate ranks, replicate across
+    mixed_precision_param: str = "float32"  # FSDP compute dtype of gathered weights: float32 | bfloat16
+    mixed_precision_reduce: str = "float32"  # dtype of the gradient reduce-scatter: float32 | bfloat16
     device: str = "auto"  # auto -> cuda when available, else cpu
     keep_checkpoints: int = 2  # newest complete checkpoints kept in OUT/checkpoints (0 -> all)
     sample_n: int = 8  # images in the periodic sample grid (0 -> none)
