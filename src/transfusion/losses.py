@@ -34,12 +34,19 @@ class LossOutput:
     n_images: int
 
 
-def noised_patches(batch: MixedBatch, schedule: NoiseSchedule, generator: torch.Generator | None = None):
-    """Draw per-image timesteps and noise; return (x_t (P, D), t (P,), noise (P, D), image of each patch (P,))."""
+def noised_patches(batch: MixedBatch, schedule: NoiseSchedule, generator: torch.Generator | None = None,
+                   draw: tuple[Tensor, Tensor] | None = None):
+    """Draw per-image timesteps and noise; return (x_t (P, D), t (P,), noise (P, D), image of each patch (P,)).
+
+    `draw` = (t per image (N,), noise (P, D)) supplied by the caller instead: data-parallel training draws them
+    per global row so that N ranks use exactly the noise one process would (distributed.noise_for_rows)."""
     patch_image = batch.image_ids[batch.image_ids >= 0]  # (P,) image index of each patch, reading order
-    t_img = schedule.sample_timesteps(batch.image_max_t, generator)  # (N,)
-    dev = generator.device if generator is not None else batch.patches.device
-    noise = torch.randn(batch.patches.shape, generator=generator, device=dev).to(batch.patches)
+    if draw is not None:
+        t_img, noise = draw[0], draw[1].to(batch.patches)
+    else:
+        t_img = schedule.sample_timesteps(batch.image_max_t, generator)  # (N,)
+        dev = generator.device if generator is not None else batch.patches.device
+        noise = torch.randn(batch.patches.shape, generator=generator, device=dev).to(batch.patches)
     t = t_img[patch_image]  # (P,)
     return schedule.add_noise(batch.patches, noise, t), t, noise, patch_image
 
@@ -52,8 +59,9 @@ def transfusion_loss(
     diffusion_weight: float = 5.0,
     generator: torch.Generator | None = None,
     normalizer: tuple[float, float] | None = None,  # (global text targets, global images)
+    noise_draw: tuple[Tensor, Tensor] | None = None,  # (t per image, noise) instead of drawing from generator
 ) -> LossOutput:
-    x_t, t, noise, patch_image = noised_patches(batch, schedule, generator)
+    x_t, t, noise, patch_image = noised_patches(batch, schedule, generator, noise_draw)
     logits_mask = batch.lm_targets != IGNORE  # (B, L)
     out = model(batch.tokens, batch.image_ids, batch.doc_ids, batch.positions, x_t, t, logits_mask=logits_mask)
 

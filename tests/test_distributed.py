@@ -1,0 +1,243 @@
+"""FSDP2 + DCP on CPU/gloo: 2 ranks (torchrun) against 1 plain process, same seed, same global batches.
+
+The module is also the rank program: `torchrun --nproc_per_node=2 tests/test_distributed.py OUT RUN1` runs every
+2-rank scenario in one launch (starting processes costs ~10 s each on 2 cores) and writes OUT/results.json;
+the tests compare it with the single process run here. Synthetic batches (core_helpers.random_batch) keep it fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core_helpers import random_batch  # noqa: E402
+
+from transfusion import dcp_checkpoint as dcpc  # noqa: E402
+from transfusion import distributed as D  # noqa: E402
+from transfusion.batch import MixedBatch  # noqa: E402
+from transfusion.checkpoint import CheckpointError, load_for_inference  # noqa: E402
+from transfusion.config import Config, ConfigError, ModelConfig, TrainConfig  # noqa: E402
+from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
+from transfusion.optim import build_optimizer, lr_at, set_lr  # noqa: E402
+from transfusion.train import split_rows  # noqa: E402
+
+STEPS, SAVE_AT, ROWS, SEQ = 5, 3, 4, 48
+
+
+def make_cfg(**train: Any) -> Config:
+    tc = dict(batch_size=ROWS, grad_accum=1, lr=3e-3, warmup_steps=1, steps=STEPS, seed=0, grad_clip=1.0)
+    return Config(model=ModelConfig.from_name("micro"), train=TrainConfig(**{**tc, **train}))
+
+
+def global_batch(cfg: Config, step: int, mixed: bool = False) -> MixedBatch:
+    """Batch `step` of the run; `mixed`: the first half of the rows (rank 0 of 2) holds no image at all."""
+    b = random_batch(cfg.model, B=ROWS, L=SEQ, seed=100 + step, max_images=2)
+    if not mixed:
+        return b
+    text = random_batch(cfg.model, B=ROWS // 2, L=SEQ, seed=200 + step, max_images=0)
+    img = split_rows(b, 2)[1]
+    cat = {f: torch.cat([getattr(text, f), getattr(img, f)]) for f in ("tokens", "doc_ids", "positions", "lm_targets")}
+    return MixedBatch(image_ids=torch.cat([text.image_ids, img.image_ids]), patches=img.patches,
+                      image_max_t=img.image_max_t, **cat)
+
+
+def run_steps(model, opt, cfg: Config, info: D.DistInfo, steps: range, mixed: bool = False,
+              on_step=None) -> list[dict[str, float]]:
+    """Train on this rank's slice of each global batch; returns the global loss and grad norm of each step."""
+    schedule, out = NoiseSchedule(cfg.diffusion.num_train_steps), []
+    rows = cfg.train.batch_size // info.world_size
+    for step in steps:
+        if on_step is not None:
+            on_step(step)
+        set_lr(opt, lr_at(step, cfg.train))
+        mine = split_rows(global_batch(cfg, step, mixed), info.world_size)[info.rank]
+        r = D.train_step(model, opt, split_rows(mine, cfg.train.grad_accum), schedule, cfg, step,
+                         info.rank * rows, info)
+        out.append({"loss": r.loss, "lm": r.lm_loss, "diff": r.diffusion_loss, "grad_norm": r.grad_norm})
+    return out
+
+
+def fresh(cfg: Config, info: D.DistInfo, mesh):
+    model = D.build_model(cfg, info, mesh)
+    return model, build_optimizer(model, cfg.train)
+
+
+# ------------------------------------------------------------------------------------------ rank program
+
+
+def _init_check(model, cfg: Config) -> dict[str, float]:
+    """Largest difference between the sharded init and the single-process init, params and RoPE buffers."""
+    ref = D.reference_model(cfg.model, cfg.train.seed)
+    ref_p = dict(ref.named_parameters())
+    param_diff = max(float((p.full_tensor() - ref_p[n]).abs().max()) for n, p in model.named_parameters())
+    rope = max(float((model.rope.cos - ref.rope.cos).abs().max()), float((model.rope.sin - ref.rope.sin).abs().max()))
+    return {"param": param_diff, "rope": rope}
+
+
+def rank_main(out: Path, run1: Path) -> None:
+    torch.set_num_threads(1)
+    info = D.init_distributed("cpu")
+    mesh = D.build_mesh(info)
+    cfg = make_cfg()
+    res: dict[str, Any] = {"world_size": info.world_size}
+
+    model, opt = fresh(cfg, info, mesh)
+    res["init"] = _init_check(model, cfg)
+
+    def maybe_save(step: int) -> None:
+        if step == SAVE_AT:
+            dcpc.save(out / "run2", step, model, opt, cfg, {"step": step})
+
+    res["a1"] = run_steps(model, opt, cfg, info, range(STEPS), on_step=maybe_save)
+    dcpc.export_safetensors(model, cfg, out / "export2", STEPS)
+
+    for name, train in [("a2", dict(grad_accum=2)), ("ac", dict(activation_checkpointing=True))]:
+        c = make_cfg(**train)
+        res[name] = run_steps(*fresh(c, info, mesh), c, info, range(STEPS))
+    c = make_cfg(hsdp_replicate=2)
+    res["hsdp"] = run_steps(*fresh(c, info, D.build_mesh(info, 2)), c, info, range(3))
+    c = make_cfg(mixed_precision_param="bfloat16")
+    res["bf16"] = run_steps(*fresh(c, info, mesh), c, info, range(2))
+    res["mixed"] = run_steps(*fresh(cfg, info, mesh), cfg, info, range(3), mixed=True)
+
+    model, opt = fresh(cfg, info, mesh)  # 1 process -> 2 ranks
+    loaded = dcpc.load(run1, model, opt, cfg)
+    res["resume_from_1"] = run_steps(model, opt, cfg, info, range(loaded.step, STEPS))
+    if info.is_main:
+        (out / "results.json").write_text(json.dumps(res))
+    D.destroy_distributed()
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Any]:
+    """One process (here) and two ranks (torchrun) over the same global batches."""
+    tmp = tmp_path_factory.mktemp("dist")
+    cfg, info = make_cfg(), D.DistInfo()
+    model, opt = fresh(cfg, info, None)
+
+    def maybe_save(step: int) -> None:
+        if step == SAVE_AT:
+            dcpc.save(tmp / "run1", step, model, opt, cfg, {"step": step})
+
+    single = {"a": run_steps(model, opt, cfg, info, range(STEPS), on_step=maybe_save), "model": model}
+    single["mixed"] = run_steps(*fresh(cfg, info, None), cfg, info, range(3), mixed=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, str(tmp), str(tmp / "run1")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {"tmp": tmp, "cfg": cfg, "single": single, "ranks": json.loads((tmp / "results.json").read_text())}
+
+
+def _close(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        for k in ("loss", "lm", "diff"):
+            assert abs(x[k] - y[k]) < tol, f"step {i} {k}: {x[k]} vs {y[k]}"
+        assert abs(x["grad_norm"] - y["grad_norm"]) < tol * max(1.0, y["grad_norm"]), f"step {i} grad norm"
+
+
+def test_sharded_init_equals_single_process_init(runs):
+    assert runs["ranks"]["init"]["param"] == 0.0
+    assert runs["ranks"]["init"]["rope"] == 0.0
+
+
+def test_two_ranks_equal_one_process(runs):
+    one = runs["single"]["a"]
+    assert len({round(s["loss"], 4) for s in one}) == STEPS  # the losses move: the comparison means something
+    for name in ("a1", "a2", "ac"):  # plain, grad-accumulation without sync, activation checkpointing
+        _close(runs["ranks"][name], one)
+    _close(runs["ranks"]["hsdp"], one[:3])
+
+
+def test_text_only_rank_does_not_hang(runs):
+    _close(runs["ranks"]["mixed"], runs["single"]["mixed"])
+
+
+def test_bf16_mixed_precision_trains(runs):
+    steps = runs["ranks"]["bf16"]
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert abs(steps[0]["loss"] - runs["single"]["a"][0]["loss"]) < 0.05
+
+
+def test_resume_two_ranks_to_one_process(runs):
+    cfg, info = runs["cfg"], D.DistInfo()
+    model, opt = fresh(cfg, info, None)
+    loaded = dcpc.load(runs["tmp"] / "run2", model, opt, cfg)
+    assert loaded.step == SAVE_AT and loaded.saved_world_size == 2 and loaded.train_state == {"step": SAVE_AT}
+    _close(run_steps(model, opt, cfg, info, range(loaded.step, STEPS)), runs["single"]["a"][SAVE_AT:])
+
+
+def test_resume_one_process_to_two_ranks(runs):
+    _close(runs["ranks"]["resume_from_1"], runs["single"]["a"][SAVE_AT:])
+
+
+def test_export_loads_into_plain_model(runs):
+    model, cfg, _ = load_for_inference(runs["tmp"] / "export2", use_ema=False)
+    ref = runs["single"]["model"]
+    # weights after 5 AdamW steps: Adam divides by sqrt(v), so a gradient that differs in its last bits
+    # (sums over 2 ranks vs 1 process are associated differently) can move a weight by ~1e-5 of lr-sized steps
+    for (n, p), (m, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert n == m and torch.allclose(p, q, atol=1e-4), n
+    b = global_batch(cfg, 0)
+    x, t = torch.randn_like(b.patches), torch.full((b.patches.shape[0],), 500)
+    with torch.no_grad():
+        a = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x, t)
+        r = ref.eval()(b.tokens, b.image_ids, b.doc_ids, b.positions, x, t)
+    assert torch.allclose(a.logits, r.logits, atol=1e-4) and torch.allclose(a.eps, r.eps, atol=1e-4)
+
+
+def test_export_from_dcp_offline(runs):
+    out = dcpc.export_from_dcp(runs["tmp"] / "run2", runs["tmp"] / "export_offline")
+    two, _, _ = load_for_inference(out, use_ema=False)
+    plain = D.reference_model(runs["cfg"].model, 0)
+    dcpc.load(runs["tmp"] / "run1", plain, None, runs["cfg"])  # the 1-process state at the same step
+    for (n, p), (_, q) in zip(two.named_parameters(), plain.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-4), n
+
+
+def test_checkpoint_of_other_model_config_is_refused(runs):
+    cfg = make_cfg()
+    cfg.model = ModelConfig.from_name("micro", dim=32)
+    model = D.reference_model(cfg.model, 0)
+    with pytest.raises(CheckpointError, match="model.dim"):
+        dcpc.load(runs["tmp"] / "run1", model, build_optimizer(model, cfg.train), cfg)
+
+
+@pytest.mark.parametrize("world,accum,batch", [(3, 1, 4), (2, 2, 6), (8, 1, 4)])
+def test_global_batch_that_does_not_split_is_refused(world, accum, batch):
+    with pytest.raises(ConfigError, match="cannot be split"):
+        D.check_global_batch(TrainConfig(batch_size=batch, grad_accum=accum), world)
+    assert D.check_global_batch(TrainConfig(batch_size=8, grad_accum=2), 2) == 2
+
+
+def test_noise_is_the_same_whichever_rank_holds_the_row():
+    cfg = make_cfg()
+    schedule, b = NoiseSchedule(), global_batch(cfg, 0)
+    t_all, n_all = D.noise_for_rows(b, schedule, 0, 7, 0)
+    parts = [D.noise_for_rows(mb, schedule, 0, 7, i) for i, mb in enumerate(split_rows(b, ROWS))]
+    assert torch.equal(torch.cat([p[1] for p in parts]), n_all)
+    assert torch.equal(torch.cat([p[0] for p in parts]), t_all)
+    assert not torch.equal(D.noise_for_rows(b, schedule, 0, 8, 0)[1], n_all)  # a new step draws new noise
+
+
+if __name__ == "__main__":
+    rank_main(Path(sys.argv[1]), Path(sys.argv[2]))
