@@ -178,6 +178,7 @@ class TrainConfig:
     device: str = "auto"  # auto -> cuda when available, else cpu
     keep_checkpoints: int = 2  # newest complete checkpoints kept in OUT/checkpoints (0 -> all)
     sample_n: int = 8  # images in the periodic sample grid (0 -> none)
+    time_limit_min: float = 0.0  # stop (with a checkpoint) after this much training time; 0 -> no limit
 
 
 @dataclass

@@ -353,6 +353,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             if tc.ckpt_every and state.step % tc.ckpt_every == 0:
                 save()
                 last_saved = state.step
+            if tc.time_limit_min and time.perf_counter() - t_start > 60 * tc.time_limit_min:
+                # a wall-clock budget (the demo's): stop cleanly; --resume with a later limit continues
+                print(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}",
+                      file=sys.stderr)
+                break
     except KeyboardInterrupt:
         bar.close()
         if state.step > max(0, last_saved):
