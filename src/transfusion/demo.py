@@ -1,0 +1,169 @@
+"""`make demo`: train the embedded default, then show what one model does with text and images.
+
+    python -m transfusion.demo --config configs/tiny.toml --out runs/demo
+
+Writes into OUT: the run (checkpoints/, metrics.jsonl, loss_curve.png), `grid.png` (every item in every colour,
+held-out combinations framed in red), `captions.png` + captions in summary.json (real test images -> text),
+`shakespeare.txt` (a text continuation) and `summary.json` (timings, losses, scores). Rerunning resumes the
+finished run instead of training again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfusion import config as config_mod
+from transfusion.data import fashion
+from transfusion.metrics import add_labels, make_grid, read_metrics, save_png
+
+HELDOUT_BORDER = (255, 0, 0)
+SHAKESPEARE_PROMPT = "DUNCAN:\nWhat news, my lord?\n\nMACBETH:\n"
+
+
+def _data_source(cfg: config_mod.Config) -> str:
+    if cfg.data.use_full_dataset and fashion.fashion_dir() is not None:
+        return f"full Fashion-MNIST from {fashion.fashion_dir()}"
+    return "committed subset (src/transfusion/assets/fashion_subset.npz); `make data` installs the full set"
+
+
+def draw_grid(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, seed: int) -> dict[str, Any]:
+    """Items (rows) x colours (columns), one sample each, DDIM + CFG from the eval config."""
+    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.generate import generate_images
+
+    combos = [(i, c) for i in range(len(fashion.ITEMS)) for c in range(len(fashion.COLOUR_NAMES))]
+    prompts = [fashion.caption(i, c) for i, c in combos]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        images = generate_images(
+            model, tokenizer, prompts, NoiseSchedule(cfg.diffusion.num_train_steps), steps=cfg.eval.sample_steps,
+            cfg_scale=cfg.eval.cfg_scale, sampler=cfg.eval.sampler.value,
+            generator=torch.Generator().manual_seed(seed), progress=True,
+        ).float().cpu()
+    wall = time.perf_counter() - t0
+    borders = [HELDOUT_BORDER if combo in fashion.HELDOUT else None for combo in combos]
+    scale, pad = 3, 2
+    grid = make_grid(images, nrow=len(fashion.COLOUR_NAMES), scale=scale, pad=pad, borders=borders)
+    cell = (cfg.model.image_size * scale + 2 * pad, cfg.model.image_size * scale + 2 * pad)
+    save_png(add_labels(grid, list(fashion.ITEMS), list(fashion.COLOUR_NAMES), cell), out / "grid.png")
+    result: dict[str, Any] = {"prompts": len(prompts), "sample_wall_s": round(wall, 1),
+                              "sampler": f"{cfg.eval.sampler.value} {cfg.eval.sample_steps} steps, CFG {cfg.eval.cfg_scale}"}
+    result.update(_colour_scores(images, combos))
+    return result
+
+
+def _colour_scores(images: torch.Tensor, combos: list[tuple[int, int]]) -> dict[str, Any]:
+    """Exact colour read-back of the generated images (evaluation suite's detector), when available."""
+    try:
+        from transfusion.evaluate.alignment import read_colours
+    except ImportError:
+        return {}
+    pred, _ = read_colours(images)
+    want = torch.tensor([c for _, c in combos])
+    held = torch.tensor([combo in fashion.HELDOUT for combo in combos])
+    ok = pred == want
+    return {"colour_correct": round(float(ok.float().mean()), 3),
+            "colour_correct_heldout": round(float(ok[held].float().mean()), 3)}
+
+
+def caption_real(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, n: int = 16) -> dict[str, Any]:
+    """Caption real tinted test images; report how many name the right item and colour."""
+    from transfusion.data.colour_fashion import fashion_examples
+    from transfusion.generate import caption_images
+
+    ex = fashion_examples("test", n=n, seed=0, size=cfg.model.image_size, use_full_dataset=cfg.data.use_full_dataset)
+    with torch.no_grad():
+        captions = caption_images(model, tokenizer, ex.images)
+    save_png(make_grid(ex.images, nrow=8, scale=3), out / "captions.png")
+    rows = [{"truth": t, "caption": c} for t, c in zip(ex.captions, captions)]
+    result: dict[str, Any] = {"examples": rows}
+    try:
+        from transfusion.evaluate.cider import parse_caption
+
+        parsed = [parse_caption(c) for c in captions]
+        both = [p == (int(i), int(c)) for p, i, c in zip(parsed, ex.items, ex.colours)]
+        result["item_and_colour_right"] = round(sum(both) / len(both), 3)
+    except ImportError:
+        pass
+    return result
+
+
+def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path) -> str:
+    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.generate import generate
+
+    with torch.no_grad():
+        parts = generate(model, tokenizer, SHAKESPEARE_PROMPT, NoiseSchedule(cfg.diffusion.num_train_steps),
+                         max_new_tokens=96, max_images=0, progress=False)
+    text = SHAKESPEARE_PROMPT + "".join(p for p in parts if isinstance(p, str))
+    (out / "shakespeare.txt").write_text(text + "\n")
+    return text
+
+
+def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+    from transfusion.checkpoint import find_latest, load_for_inference, tokenizer_path_for
+    from transfusion.tokenizer import Tokenizer
+    from transfusion.train import train
+
+    t0 = time.perf_counter()
+    cfg = config_mod.load(config_path, overrides)
+    print(f"demo: data = {_data_source(cfg)}", file=sys.stderr)
+    train_summary = train(cfg, out, resume=find_latest(out) is not None)  # a rerun reuses the finished run
+    t_train = time.perf_counter() - t0
+
+    model, cfg, ckpt = load_for_inference(out, use_ema=True)
+    tokenizer = Tokenizer.load(tokenizer_path_for(ckpt, cfg))
+    print("demo: drawing every item in every colour ...", file=sys.stderr)
+    grid = draw_grid(model, tokenizer, cfg, out, seed=cfg.train.seed)
+    print("demo: captioning real test images ...", file=sys.stderr)
+    captions = caption_real(model, tokenizer, cfg, out)
+    text = continue_text(model, tokenizer, cfg, out)
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if isinstance(r.get("tokens_per_s"), (int, float))]
+    rates = [r["tokens_per_s"] for r in recs[1:]] or [0.0]  # the first window includes warm-up
+    summary = {
+        "config": config_path,
+        "data": _data_source(cfg),
+        "checkpoint": str(ckpt),
+        "train": train_summary,
+        "train_tokens_per_s_median": sorted(rates)[len(rates) // 2],
+        "train_wall_s": round(t_train, 1),
+        "grid": {"file": "grid.png", "heldout_marked": "red frame", **grid},
+        "captions": {"file": "captions.png", **captions},
+        "shakespeare": text,
+        "total_wall_s": round(time.perf_counter() - t0, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/tiny.toml")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    from transfusion.cli import _known_errors
+
+    try:
+        s = run_demo(args.config, Path(args.out), args.set)
+    except _known_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\ndemo done in {s['total_wall_s']:.0f} s (training {s['train_wall_s']:.0f} s, "
+          f"{s['train_tokens_per_s_median']:,.0f} tokens/s)")
+    for name in ("grid.png", "captions.png", "loss_curve.png", "shakespeare.txt", "summary.json"):
+        print(f"  {Path(args.out) / name}")
+    for row in s["captions"]["examples"][:4]:
+        print(f"  caption: {row['caption']!r}  (truth: {row['truth']!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
