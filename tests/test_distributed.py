@@ -27,6 +27,7 @@ from transfusion.batch import MixedBatch  # noqa: E402
 from transfusion.checkpoint import CheckpointError, load_for_inference  # noqa: E402
 from transfusion.config import Config, ConfigError, ModelConfig, TrainConfig  # noqa: E402
 from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
+from transfusion.ema import EMA  # noqa: E402
 from transfusion.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 from transfusion.train import split_rows  # noqa: E402
 
@@ -51,7 +52,7 @@ def global_batch(cfg: Config, step: int, mixed: bool = False) -> MixedBatch:
 
 
 def run_steps(model, opt, cfg: Config, info: D.DistInfo, steps: range, mixed: bool = False,
-              on_step=None) -> list[dict[str, float]]:
+              on_step=None, ema: EMA | None = None) -> list[dict[str, float]]:
     """Train on this rank's slice of each global batch; returns the global loss and grad norm of each step."""
     schedule, out = NoiseSchedule(cfg.diffusion.num_train_steps), []
     rows = cfg.train.batch_size // info.world_size
@@ -63,6 +64,8 @@ def run_steps(model, opt, cfg: Config, info: D.DistInfo, steps: range, mixed: bo
         r = D.train_step(model, opt, split_rows(mine, cfg.train.grad_accum), schedule, cfg, step,
                          info.rank * rows, info)
         out.append({"loss": r.loss, "lm": r.lm_loss, "diff": r.diffusion_loss, "grad_norm": r.grad_norm})
+        if ema is not None:
+            ema.update(model)
     return out
 
 
@@ -91,14 +94,16 @@ def rank_main(out: Path, run1: Path) -> None:
     res: dict[str, Any] = {"world_size": info.world_size}
 
     model, opt = fresh(cfg, info, mesh)
-    res["init"] = _init_check(model, cfg)
+    init = _init_check(model, cfg)  # every rank checks its own copy; the sum over ranks must be 0
+    res["init"] = dict(zip(init, D.all_reduce_sum(list(init.values()), info.device)))
+    ema = EMA(model, 0.5)  # DTensor shadows under FSDP
 
     def maybe_save(step: int) -> None:
         if step == SAVE_AT:
-            dcpc.save(out / "run2", step, model, opt, cfg, {"step": step})
+            dcpc.save(out / "run2", step, model, opt, cfg, {"step": step}, ema=ema)
 
-    res["a1"] = run_steps(model, opt, cfg, info, range(STEPS), on_step=maybe_save)
-    dcpc.export_safetensors(model, cfg, out / "export2", STEPS)
+    res["a1"] = run_steps(model, opt, cfg, info, range(STEPS), on_step=maybe_save, ema=ema)
+    dcpc.export_safetensors(model, cfg, out / "export2", STEPS, ema=ema)
 
     for name, train in [("a2", dict(grad_accum=2)), ("ac", dict(activation_checkpointing=True))]:
         c = make_cfg(**train)
@@ -132,12 +137,14 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("dist")
     cfg, info = make_cfg(), D.DistInfo()
     model, opt = fresh(cfg, info, None)
+    ema = EMA(model, 0.5)
 
     def maybe_save(step: int) -> None:
         if step == SAVE_AT:
-            dcpc.save(tmp / "run1", step, model, opt, cfg, {"step": step})
+            dcpc.save(tmp / "run1", step, model, opt, cfg, {"step": step}, ema=ema)
 
-    single = {"a": run_steps(model, opt, cfg, info, range(STEPS), on_step=maybe_save), "model": model}
+    single = {"a": run_steps(model, opt, cfg, info, range(STEPS), on_step=maybe_save, ema=ema), "model": model,
+              "ema": ema}
     single["mixed"] = run_steps(*fresh(cfg, info, None), cfg, info, range(3), mixed=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
@@ -181,9 +188,13 @@ def test_bf16_mixed_precision_trains(runs):
 def test_resume_two_ranks_to_one_process(runs):
     cfg, info = runs["cfg"], D.DistInfo()
     model, opt = fresh(cfg, info, None)
-    loaded = dcpc.load(runs["tmp"] / "run2", model, opt, cfg)
+    ema = EMA(model, 0.5)
+    loaded = dcpc.load(runs["tmp"] / "run2", model, opt, cfg, ema=ema)
     assert loaded.step == SAVE_AT and loaded.saved_world_size == 2 and loaded.train_state == {"step": SAVE_AT}
-    _close(run_steps(model, opt, cfg, info, range(loaded.step, STEPS)), runs["single"]["a"][SAVE_AT:])
+    assert loaded.has_ema
+    _close(run_steps(model, opt, cfg, info, range(loaded.step, STEPS), ema=ema), runs["single"]["a"][SAVE_AT:])
+    for n, p in runs["single"]["ema"].shadow.items():  # the EMA resumed too
+        assert torch.allclose(ema.shadow[n], p, atol=1e-4), n
 
 
 def test_resume_one_process_to_two_ranks(runs):
@@ -203,6 +214,13 @@ def test_export_loads_into_plain_model(runs):
         a = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x, t)
         r = ref.eval()(b.tokens, b.image_ids, b.doc_ids, b.positions, x, t)
     assert torch.allclose(a.logits, r.logits, atol=1e-4) and torch.allclose(a.eps, r.eps, atol=1e-4)
+
+
+def test_export_carries_the_ema(runs):
+    model, _, _ = load_for_inference(runs["tmp"] / "export2", use_ema=True)
+    shadow = runs["single"]["ema"].shadow
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, shadow[n], atol=1e-4), n
 
 
 def test_export_from_dcp_offline(runs):
