@@ -128,3 +128,20 @@ def test_resume_errors(tmp_path) -> None:
     summary = train(config.load(cfg_path, ["train.steps=6"]), tmp_path / "run", resume=True, progress=False)
     assert summary["steps"] == 6
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tmp_path) -> None:
+    cfg_path = write_micro_config(tmp_path / "c.toml", steps=500, ckpt_every=0)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(TRANSFUSION + ["train", str(cfg_path), "--no-progress", "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(read_metrics(run / "metrics.jsonl")) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted at step" in err
+    last = max(_losses(run))
+    assert last < 500
+    assert ck.resolve(run).name == ck.step_name(last)  # the checkpoint is exactly the last finished step

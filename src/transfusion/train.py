@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,29 @@ from transfusion.config import Config, ConfigError
 from transfusion.ema import EMA
 from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
 from transfusion.optim import build_optimizer, lr_at, set_lr
+
+
+class StopAtStepBoundary:
+    """First Ctrl-C: finish the current step, then stop and checkpoint (a checkpoint taken mid-step would hold
+    updated weights with the old step count and break exact resume). Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopAtStepBoundary":
+        if threading.current_thread() is threading.main_thread():  # signals can only be set there
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class TrainingDiverged(RuntimeError):
@@ -330,7 +355,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     batches = iter(loader)
     t_start, tok_window, t_window = time.perf_counter(), 0, time.perf_counter()
     stats: StepStats | None = None
-    try:
+    with StopAtStepBoundary() as stop:
         while state.step < tc.steps:
             lr = lr_at(state.step, tc)
             set_lr(optimizer, lr)
@@ -358,16 +383,15 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                 print(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}",
                       file=sys.stderr)
                 break
-    except KeyboardInterrupt:
-        bar.close()
-        if state.step > max(0, last_saved):
-            save()
-        print(f"\ninterrupted at step {state.step}; checkpoint saved, continue with --resume", file=sys.stderr)
-        raise
+            if stop.requested:
+                print(f"\ninterrupted at step {state.step}; saving a checkpoint (continue with --resume)",
+                      file=sys.stderr)
+                break
     bar.close()
     if last_saved != state.step:
         save()
-    _write_visuals(out, model, ema, tokenizer, cfg, state.step)
+    if not stop.requested:  # an interrupted user wants their prompt back, not a sample grid
+        _write_visuals(out, model, ema, tokenizer, cfg, state.step)
     return _summary(out, state, stats, time.perf_counter() - t_start, loader)
 
 
