@@ -22,7 +22,7 @@ warmup_steps = 5
 log_every = 1
 ckpt_every = {ckpt_every}
 sample_n = 0
-threads = 2
+threads = 1  # tiny matmuls gain nothing from 2 threads, and a busy machine makes OMP spin-waits costly
 {extra}
 
 [eval]

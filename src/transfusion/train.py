@@ -175,6 +175,15 @@ def split_rows(batch: MixedBatch, n: int) -> list[MixedBatch]:
 # ------------------------------------------------------------------------------------------ one step
 
 
+def _set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2 modules reduce-scatter gradients after every backward unless told not to: with grad accumulation
+    only the last micro-batch needs the sync. A no-op for a plain module."""
+    fn = getattr(model, "set_requires_gradient_sync", None)
+    if fn is not None:
+        fn(enabled)
+
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -193,7 +202,8 @@ def train_step(
     tot_text, tot_img = sum(n_text), sum(n_img)
     lm_total = diff_total = 0.0
     tc = cfg.train
-    for mb in micro_batches:
+    for k, mb in enumerate(micro_batches):
+        _set_grad_sync(model, k == len(micro_batches) - 1)
         with _autocast(device, tc.bf16):
             # normalised by the whole batch's counts, so the sum over micro-batches is the batch mean over text
             # targets and over images, whatever the split (and, with an all-reduce of the counts, across ranks)
@@ -313,6 +323,102 @@ def _prepare_out(out: Path, resume: bool) -> Path | None:
     return latest if resume else None
 
 
+@dataclass
+class Run:
+    """Everything one training run holds, so the loop below reads as the recipe and each concern is a method."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    loader: Any
+    schedule: Any
+    generator: torch.Generator  # diffusion noise + timesteps: saved, so a resumed run draws the same ones
+    tokenizer: Any
+    state: TrainState
+    last_saved: int = -1
+
+    def save(self) -> None:
+        _save(self.out, self.cfg, self.model, self.optimizer, self.ema, self.loader, self.state, self.generator,
+              self.tokenizer)
+        self.last_saved = self.state.step
+
+    def visuals(self) -> None:
+        _write_visuals(self.out, self.model, self.ema, self.tokenizer, self.cfg, self.state.step)
+
+
+def setup_run(cfg: Config, out: Path, resume: bool) -> Run:
+    """Tokenizer, model, optimiser, EMA, loader, generator — restored from the latest checkpoint on resume."""
+    from transfusion.data.loader import build_loader
+    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.tokenizer import Tokenizer
+
+    _setup_runtime(cfg)
+    resume_from = _prepare_out(out, resume)
+    device = resolve_device(cfg)
+    tokenizer = Tokenizer.load(cfg.data.tokenizer or None)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+    torch.manual_seed(cfg.train.seed)  # init_weights draws from the global generator
+    model = build_model(cfg, device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.train)
+    ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
+    loader = build_loader(cfg, tokenizer, split="train")
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    run = Run(cfg, out, device, model, optimizer, ema, loader, NoiseSchedule(cfg.diffusion.num_train_steps),
+              generator, tokenizer, TrainState())
+    if resume_from is not None:
+        run.state = _restore(resume_from, cfg, model, optimizer, ema, loader, generator)
+        run.last_saved = run.state.step
+    (out / "config.toml").write_text(config_mod.dump_toml(cfg))
+    return run
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train `cfg` into `out_dir` (checkpoints, metrics.jsonl, PNGs); returns a summary dict."""
+    run = setup_run(cfg, Path(out_dir), resume)
+    state, tc = run.state, cfg.train
+    logger = MetricsLogger(run.out / "metrics.jsonl", resume_step=state.step if run.last_saved >= 0 else None)
+    bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    batches = iter(run.loader)
+    t_start = t_window = time.perf_counter()
+    tok_window, stats = 0, None
+    with StopAtStepBoundary() as stop:
+        while state.step < tc.steps:
+            lr = lr_at(state.step, tc)
+            set_lr(run.optimizer, lr)
+            batch = next(batches).to(run.device)
+            stats = train_step(run.model, run.optimizer, split_rows(batch, tc.grad_accum), run.schedule, cfg,
+                               run.generator, run.device)
+            state.step += 1
+            state.tokens_seen += stats.tokens
+            tok_window += stats.tokens
+            _count_bad(state, stats, tc.max_bad_steps)
+            if not stats.skipped and run.ema is not None:
+                run.ema.update(run.model)
+            if state.step % tc.log_every == 0 or state.step == tc.steps or stats.skipped:
+                tok_s = tok_window / max(1e-9, time.perf_counter() - t_window)
+                logger.log(_log_record(state, stats, lr, tok_s))
+                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                tok_window, t_window = 0, time.perf_counter()
+            bar.update(1)
+            if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
+                run.visuals()
+            if tc.ckpt_every and state.step % tc.ckpt_every == 0:
+                run.save()
+            if _should_stop(stop, tc, state, t_start):
+                break
+    bar.close()
+    if run.last_saved != state.step:
+        run.save()
+    if not stop.requested:  # an interrupted user wants their prompt back, not a sample grid
+        run.visuals()
+    return _summary(run.out, state, stats, time.perf_counter() - t_start, run.loader)
+
+
 def _log_record(state: TrainState, stats: StepStats, lr: float, tok_s: float) -> dict[str, Any]:
     return {
         "step": state.step, "loss": stats.loss, "lm_loss": stats.lm_loss, "diffusion_loss": stats.diffusion_loss,
@@ -321,78 +427,16 @@ def _log_record(state: TrainState, stats: StepStats, lr: float, tok_s: float) ->
     }
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train `cfg` into `out_dir` (checkpoints, metrics.jsonl, PNGs); returns a summary dict."""
-    from transfusion.data.loader import build_loader
-    from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.tokenizer import Tokenizer
-
-    out = Path(out_dir)
-    _setup_runtime(cfg)
-    resume_from = _prepare_out(out, resume)
-    device = resolve_device(cfg)
-    tokenizer = Tokenizer.load(cfg.data.tokenizer or None)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.train)
-    ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
-    loader = build_loader(cfg, tokenizer, split="train")
-    schedule = NoiseSchedule(cfg.diffusion.num_train_steps)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    state = TrainState()
-    if resume_from is not None:
-        state = _restore(resume_from, cfg, model, optimizer, ema, loader, generator)
-    (out / "config.toml").write_text(config_mod.dump_toml(cfg))
-    logger = MetricsLogger(out / "metrics.jsonl", resume_step=state.step if resume_from else None)
-    save = lambda: _save(out, cfg, model, optimizer, ema, loader, state, generator, tokenizer)  # noqa: E731
-    last_saved = state.step if resume_from else -1
-
-    tc = cfg.train
-    bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    batches = iter(loader)
-    t_start, tok_window, t_window = time.perf_counter(), 0, time.perf_counter()
-    stats: StepStats | None = None
-    with StopAtStepBoundary() as stop:
-        while state.step < tc.steps:
-            lr = lr_at(state.step, tc)
-            set_lr(optimizer, lr)
-            batch = next(batches).to(device)
-            stats = train_step(model, optimizer, split_rows(batch, tc.grad_accum), schedule, cfg, generator, device)
-            state.step += 1
-            state.tokens_seen += stats.tokens
-            tok_window += stats.tokens
-            _count_bad(state, stats, tc.max_bad_steps)
-            if not stats.skipped and ema is not None:
-                ema.update(model)
-            if state.step % tc.log_every == 0 or state.step == tc.steps or stats.skipped:
-                tok_s = tok_window / max(1e-9, time.perf_counter() - t_window)
-                logger.log(_log_record(state, stats, lr, tok_s))
-                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                tok_window, t_window = 0, time.perf_counter()
-            bar.update(1)
-            if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
-                _write_visuals(out, model, ema, tokenizer, cfg, state.step)
-            if tc.ckpt_every and state.step % tc.ckpt_every == 0:
-                save()
-                last_saved = state.step
-            if tc.time_limit_min and time.perf_counter() - t_start > 60 * tc.time_limit_min:
-                # a wall-clock budget (the demo's): stop cleanly; --resume with a later limit continues
-                print(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}",
-                      file=sys.stderr)
-                break
-            if stop.requested:
-                print(f"\ninterrupted at step {state.step}; saving a checkpoint (continue with --resume)",
-                      file=sys.stderr)
-                break
-    bar.close()
-    if last_saved != state.step:
-        save()
-    if not stop.requested:  # an interrupted user wants their prompt back, not a sample grid
-        _write_visuals(out, model, ema, tokenizer, cfg, state.step)
-    return _summary(out, state, stats, time.perf_counter() - t_start, loader)
+def _should_stop(stop: StopAtStepBoundary, tc: Any, state: TrainState, t_start: float) -> bool:
+    if stop.requested:
+        print(f"\ninterrupted at step {state.step}; saving a checkpoint (continue with --resume)", file=sys.stderr)
+        return True
+    if tc.time_limit_min and time.perf_counter() - t_start > 60 * tc.time_limit_min:
+        # a wall-clock budget (the demo's): stop cleanly with a checkpoint; --resume continues the schedule
+        print(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}",
+              file=sys.stderr)
+        return True
+    return False
 
 
 def _count_bad(state: TrainState, stats: StepStats, max_bad: int) -> None:
