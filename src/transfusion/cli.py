@@ -48,9 +48,10 @@ def _load(ckpt: str, no_ema: bool) -> tuple[Any, config_mod.Config, Any]:
     from transfusion.checkpoint import load_for_inference, tokenizer_path_for
     from transfusion.tokenizer import Tokenizer
 
+    from transfusion.train import setup_cpu_runtime
+
     model, cfg, path = load_for_inference(ckpt, use_ema=not no_ema)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    setup_cpu_runtime(cfg.train.threads)
     return model, cfg, Tokenizer.load(tokenizer_path_for(path, cfg))
 
 

@@ -110,7 +110,7 @@ def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path)
 def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     from transfusion.checkpoint import find_latest, load_for_inference, tokenizer_path_for
     from transfusion.tokenizer import Tokenizer
-    from transfusion.train import train
+    from transfusion.train import setup_cpu_runtime, train
 
     t0 = time.perf_counter()
     cfg = config_mod.load(config_path, overrides)
@@ -119,6 +119,7 @@ def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any
     t_train = time.perf_counter() - t0
 
     model, cfg, ckpt = load_for_inference(out, use_ema=True)
+    setup_cpu_runtime(cfg.train.threads)
     tokenizer = Tokenizer.load(tokenizer_path_for(ckpt, cfg))
     print("demo: drawing every item in every colour ...", file=sys.stderr)
     grid = draw_grid(model, tokenizer, cfg, out, seed=cfg.train.seed)

@@ -122,9 +122,17 @@ def build_model(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
     return model
 
 
+def setup_cpu_runtime(threads: int) -> None:
+    """Threads, and flush-to-zero for denormal floats. Without FTZ/DAZ, the tiny values that appear in Adam's
+    second moments and near-zero activations take x86's slow denormal path: the tiny config trains 11x slower
+    on CPU (12 s vs 1.1 s per step measured here). No effect on GPU tensors."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
 def _setup_runtime(cfg: Config) -> None:
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    setup_cpu_runtime(cfg.train.threads)
     if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} must be a positive multiple of "
