@@ -104,9 +104,9 @@ class ItemClassifier:
     def logits(self, images: Tensor, batch_size: int = 1000) -> Tensor:
         """(N, C, H, W) in [-1, 1] -> (N, 10)."""
         self.net.eval()
-        return torch.cat([self.net(to_classifier_input(b)) for b in images.split(batch_size)]) if len(
-            images
-        ) else torch.zeros(0, len(fashion.ITEMS))
+        if not len(images):
+            return torch.zeros(0, len(fashion.ITEMS))
+        return torch.cat([self.net(to_classifier_input(b)) for b in images.split(batch_size)])
 
     def predict(self, images: Tensor) -> Tensor:
         """(N, C, H, W) in [-1, 1] -> item ids (N,)."""
