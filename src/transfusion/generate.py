@@ -250,7 +250,8 @@ def generate(
             if text_ids:
                 pieces.append(tk.decode(text_ids))
                 context.append(text_ids)
-            if not ids or ids[-1] != tk.boi_id or budget <= 0 or len([p for p in pieces if isinstance(p, Tensor)]) >= max_images:
+            n_images = sum(isinstance(p, Tensor) for p in pieces)
+            if not ids or ids[-1] != tk.boi_id or budget <= 0 or n_images >= max_images:
                 return pieces
         force_image = False
         context.append([tk.boi_id])
