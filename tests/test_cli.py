@@ -32,6 +32,8 @@ def test_parser_defaults() -> None:
     assert a.set == ["train.lr=1e-3", "train.steps=5"] and a.resume
     with pytest.raises(SystemExit):
         p.parse_args(["sample", "--ckpt", "R", "--prompt", "x", "--out", "y.png", "--sampler", "euler"])
+    a = p.parse_args(["eval", "--ckpt", "R"])  # wired to evaluate.report.add_eval_args / run_eval
+    assert a.ckpt == "R" and callable(a.func)
 
 
 def test_train_outputs(run_dir: Path) -> None:
