@@ -260,8 +260,12 @@ def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.O
              loader: Any, generator: torch.Generator) -> TrainState:
     loaded = ckpt_mod.load_checkpoint(path, model, cfg)
     ts = loaded.train_state
+    # hyperparameters come from *this* run's config (a resumed run may change them); only moments are restored
+    hparams = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ts["optimizer"])
+        for group, h in zip(optimizer.param_groups, hparams):
+            group.update(h)
         loader.load_state_dict(ts["loader"])
         generator.set_state(ts["rng"]["loss_generator"])
         torch.set_rng_state(ts["rng"]["torch_cpu"])
@@ -276,7 +280,10 @@ def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.O
             print(f"note: {loaded.path} has no EMA; starting the EMA from the loaded weights", file=sys.stderr)
             ema.__init__(model, ema.decay)
         else:
-            ema.load_state_dict(saved)
+            try:
+                ema.load_state_dict(saved)
+            except (KeyError, ValueError) as e:
+                raise ckpt_mod.CheckpointError(f"{loaded.path}: EMA does not fit the model ({e})") from None
     return state
 
 
