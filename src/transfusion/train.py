@@ -411,7 +411,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             tok_window += stats.tokens
             _count_bad(state, stats, tc.max_bad_steps)
             if not stats.skipped and run.ema is not None:
-                run.ema.update(run.model)
+                run.ema.update(run.model, step=run.state.step)
             if state.step % tc.log_every == 0 or state.step == tc.steps or stats.skipped:
                 tok_s = tok_window / max(1e-9, time.perf_counter() - t_window)
                 logger.log(_log_record(state, stats, lr, tok_s))
