@@ -18,8 +18,9 @@ into place with os.replace (atomic on POSIX), the parent fsync'd, and only then 
 way. A run killed at any moment leaves either the previous checkpoint or the new one, never half of one; the
 manifest catches later damage (truncated copy, bit rot) with a clear CheckpointError instead of garbage weights.
 
-Multi-process (FSDP2/DCP) checkpoints plug in beside this: `save_checkpoint`/`load_checkpoint` are the only
-entry points the trainer calls.
+The trainer writes sharded DCP checkpoints (dcp_checkpoint.py), which reuse this directory scheme, the
+manifest and `resolve`/`verify`/`find_latest`; this module's own format is the single-file export for
+sampling and evaluation (`transfusion export`). `load_for_inference` reads both.
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ class LoadedCheckpoint:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -79,7 +80,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -120,38 +121,38 @@ def save_checkpoint(
 
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for p in files:
-        _fsync_file(p)
+        fsync_file(p)
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
-        "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
     }
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-    _fsync_file(tmp / MANIFEST_FILE)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MANIFEST_FILE)
+    fsync_dir(tmp)
 
     if final.exists():  # re-saving a step (e.g. a resumed run's final save): move the old one out of the way
         old = root / f".old-{step_name(step)}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_latest(root, final.name)
-    _prune(root, keep)
+    fsync_dir(root)
+    write_latest(root, final.name)
+    prune(root, keep)
     return final
 
 
-def _write_latest(root: Path, name: str) -> None:
+def write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST}.tmp"
     with open(tmp, "w") as f:
         f.write(name + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
-def _prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints, and leftovers of killed saves."""
     for p in root.glob(".tmp-*"):
         if not p.name.endswith(f"-{os.getpid()}"):
@@ -218,7 +219,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
         size = p.stat().st_size
         if size != meta["size"]:
             raise CheckpointError(f"{ckpt}: {name} is {size} bytes, expected {meta['size']} (truncated or corrupt)")
-        if _sha256(p) != meta["sha256"]:
+        if sha256_file(p) != meta["sha256"]:
             raise CheckpointError(f"{ckpt}: {name} fails its checksum (corrupt)")
     return manifest
 
@@ -289,22 +290,29 @@ def load_for_inference(
     path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu", check: bool = True
 ) -> tuple[nn.Module, Config, Path]:
     """(model in eval mode, its config, checkpoint dir) — EMA weights when present and `use_ema`.
-    The tokenizer is at `ckpt / TOKENIZER_FILE` when the checkpoint carries one (see `tokenizer_for`)."""
-    from transfusion.train import build_model  # lazy: train imports this module
+
+    Reads both kinds of checkpoint: a training checkpoint (DCP shards written at any world size, see
+    dcp_checkpoint.py) and a single-file export (model.safetensors, `transfusion export`).
+    The tokenizer is at `ckpt / TOKENIZER_FILE` when the checkpoint carries one (see `tokenizer_path_for`)."""
+    from transfusion import dcp_checkpoint  # lazy: both import this module
+    from transfusion.train import build_model
 
     ckpt = resolve(path)
     if check:
         verify(ckpt)
     cfg = read_config(ckpt)
     model = build_model(cfg, device=device)
-    _load_weights(model, ckpt / MODEL_FILE)
-    ema = load_ema_state(ckpt) if use_ema else None
-    if ema is not None:
+    if dcp_checkpoint.is_dcp_checkpoint(ckpt):
+        ema = dcp_checkpoint.load_into_plain(ckpt, model)
+    else:
+        _load_weights(model, ckpt / MODEL_FILE)
+        ema = load_ema_state(ckpt) if use_ema else None
+    if ema is not None and use_ema:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in ema.items():
                 if name not in params or params[name].shape != value.shape:
-                    raise CheckpointError(f"{ckpt}/{EMA_FILE}: {name} does not match the model")
+                    raise CheckpointError(f"{ckpt}: EMA weight {name} does not match the model")
                 params[name].copy_(value)
     model.eval()
     return model, cfg, ckpt

@@ -1,7 +1,9 @@
-"""`transfusion` command line: prepare, train, sample, caption, generate, eval.
+"""`transfusion` command line: prepare, train, export, sample, caption, generate, eval.
 
 Errors a user can fix (bad config key, missing data, corrupt checkpoint, diverged run, bad image) print one
 `error: ...` line and exit with status 2 — no traceback. Set TRANSFUSION_DEBUG=1 to get the traceback anyway.
+Under torchrun (`torchrun --nproc_per_node=N -m transfusion.cli train ...`) every rank runs the same command;
+rank 0 alone prints the summary and the error line (every rank hits the same user error, and exits 2).
 """
 
 from __future__ import annotations
@@ -87,12 +89,27 @@ def _save_images(images: torch.Tensor, path: Path, scale: int) -> None:
 # ------------------------------------------------------------------------------------------ commands
 
 
+def _is_rank0() -> bool:
+    """Rank 0 of a torchrun job, or a plain process (torchrun sets RANK for every worker)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from transfusion.train import train
 
     cfg = config_mod.load(args.config, args.set)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(summary, indent=1))
+    if _is_rank0():
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Training checkpoint (DCP shards, any world size) -> one model.safetensors (+ ema.safetensors) checkpoint."""
+    from transfusion.dcp_checkpoint import export_from_dcp
+
+    path = export_from_dcp(args.ckpt, args.out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -214,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", help="training checkpoint -> single-file safetensors checkpoint")
+    p.add_argument("ckpt", help="run directory (uses its latest checkpoint) or a step directory")
+    p.add_argument("--out", required=True, help="directory for the export (OUT/checkpoints/step_XXXXXXXX)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("sample", help="text -> image(s)")
     _add_inference_args(p)
     p.add_argument("--prompt", required=True)
@@ -260,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     except known as e:
         if os.environ.get("TRANSFUSION_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if _is_rank0():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

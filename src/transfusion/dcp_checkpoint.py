@@ -94,7 +94,7 @@ def _manifest(ckpt: Path, step: int) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "step": step,
-        "files": {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": ckpt_mod._sha256(p)} for p in files},
+        "files": {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": ckpt_mod.sha256_file(p)} for p in files},
     }
 
 
@@ -125,24 +125,24 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
             tokenizer.save(tmp / TOKENIZER_FILE)
         for p in tmp.rglob("*"):
             if p.is_file():
-                ckpt_mod._fsync_file(p)
+                ckpt_mod.fsync_file(p)
         (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp, step), indent=1))
-        ckpt_mod._fsync_file(tmp / MANIFEST_FILE)
+        ckpt_mod.fsync_file(tmp / MANIFEST_FILE)
         _publish(root, tmp, final, keep)
     _barrier()  # no rank runs ahead (e.g. into the next save) before the checkpoint is in place
     return final
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
-    ckpt_mod._fsync_dir(tmp)
+    ckpt_mod.fsync_dir(tmp)
     if final.exists():  # re-saving a step: move the old copy out of the way first
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    ckpt_mod._fsync_dir(root)
-    ckpt_mod._write_latest(root, final.name)
-    ckpt_mod._prune(root, keep)
+    ckpt_mod.fsync_dir(root)
+    ckpt_mod.write_latest(root, final.name)
+    ckpt_mod.prune(root, keep)
 
 
 def _check_files(ckpt: Path) -> dict[str, Any]:
@@ -237,23 +237,40 @@ def export_safetensors(model: nn.Module, cfg: Config, out_dir: str | Path, step:
     return path
 
 
-def export_from_dcp(path: str | Path, out_dir: str | Path) -> Path:
-    """One process, no process group: turn a DCP checkpoint saved at any world size into a plain checkpoint."""
+def load_into_plain(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """One process, no process group: load a DCP checkpoint saved at any world size into a plain (unsharded)
+    model of its config; returns its fp32 EMA weights, or None when it has none. Used for inference/export."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    from transfusion.distributed import reference_model
 
     ckpt = ckpt_mod.resolve(path)
     meta = _check_files(ckpt)
-    cfg = ckpt_mod.read_config(ckpt)
-    model = reference_model(cfg.model, seed=0)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if meta.get("has_ema"):
         state["ema"] = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=True)
+    except Exception as e:  # DCP wraps read failures in CheckpointException
+        raise CheckpointError(f"{ckpt}: DCP load failed ({type(e).__name__}: {e})") from None
+    model.load_state_dict(state["model"])  # strict: every weight must have come from the checkpoint
+    return state.get("ema")
+
+
+def export_from_dcp(path: str | Path, out_dir: str | Path) -> Path:
+    """One process, no process group: turn a DCP checkpoint saved at any world size into a plain checkpoint
+    (OUT/checkpoints/step_XXXXXXXX with model.safetensors, ema.safetensors, config, tokenizer)."""
+    from transfusion.distributed import reference_model
+
+    ckpt = ckpt_mod.resolve(path)
+    if not is_dcp_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} is not a training (DCP) checkpoint; it already is a single-file export")
+    meta = _check_files(ckpt)
+    cfg = ckpt_mod.read_config(ckpt)
+    model = reference_model(cfg.model, seed=0)  # then overwritten
+    ema = load_into_plain(ckpt, model)
     tokenizer = None
     if (ckpt / TOKENIZER_FILE).is_file():
         from transfusion.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
-    return _write_plain(Path(out_dir), int(meta["step"]), cfg, state["model"], state.get("ema"), tokenizer)
+    return ckpt_mod.save_checkpoint(Path(out_dir), int(meta["step"]), model, cfg, ema_state=ema,
+                                    tokenizer=tokenizer, keep=0)

@@ -1,21 +1,21 @@
-"""The training loop: `train(cfg, out_dir, resume)` and one small helper per concern.
+"""The training loop: `train(cfg, out_dir, resume)`, the same code on 1 process or N torchrun ranks.
 
-    build_model      meta-device construction -> parallelize -> to_empty -> init_weights (the FSDP2 path)
-    train_step       grad-accumulated forward/backward, clipping, NaN/Inf skip, optimiser + EMA update
-    split_rows       one MixedBatch -> grad_accum micro-batches (rows, their patches and images)
-    _save / _restore checkpoint everything that makes a resumed run bit-identical to an uninterrupted one
+    distributed.init_distributed / build_mesh / build_model   process group (if torchrun), FSDP2 model
+    distributed.train_step   grad-accumulated forward/backward, global loss, clipping, NaN/Inf skip, step
+    split_rows               one MixedBatch -> grad_accum micro-batches (rows, their patches and images)
+    _save / _restore         DCP checkpoints (dcp_checkpoint.py), resumable at any world size
 
-Exact resume: the data order lives in the loader's state, the diffusion noise and timesteps come from one
-explicit torch.Generator passed to the loss, and both are saved with the weights, optimiser and EMA. The
-periodic sample grid uses its own generator, so sampling never perturbs the training stream.
+Exact resume: the data order is the loader's step, the diffusion noise and timesteps are drawn per global row
+from (seed, step, row) (distributed.noise_for_rows), and the weights, AdamW moments and EMA are checkpointed;
+nothing else is random. The periodic sample grid uses its own generator, so sampling never perturbs training.
+Rank 0 alone writes metrics.jsonl, config.toml and PNGs; every rank joins the collectives (steps, saves,
+sampling) in the same order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import signal
 import sys
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,8 +28,11 @@ from tqdm import tqdm
 
 from transfusion import checkpoint as ckpt_mod
 from transfusion import config as config_mod
-from transfusion.batch import IGNORE, MixedBatch
+from transfusion import dcp_checkpoint as dcpc
+from transfusion import distributed as dist_mod
+from transfusion.batch import MixedBatch
 from transfusion.config import Config, ConfigError
+from transfusion.distributed import DistInfo, StepResult
 from transfusion.ema import EMA
 from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
 from transfusion.optim import build_optimizer, lr_at, set_lr
@@ -64,7 +67,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Counters that travel with a checkpoint (the generator's state is saved separately as a tensor)."""
+    """Counters that travel with a checkpoint (train_state.json)."""
 
     step: int = 0  # optimiser steps attempted (skipped ones included: their data is consumed)
     skipped_steps: int = 0  # total steps skipped for a non-finite loss or gradient
@@ -72,54 +75,12 @@ class TrainState:
     tokens_seen: int = 0
 
 
-@dataclass
-class StepStats:
-    loss: float
-    lm_loss: float
-    diffusion_loss: float
-    grad_norm: float
-    skipped: bool
-    tokens: int
-    n_images: int
-
-
 # ------------------------------------------------------------------------------------------ construction
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    name = cfg.train.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    """Apply activation checkpointing / compile / sharding, in that order (torchtitan's order).
-
-    Single process: only `train.compile` does anything (per block, in place, so state-dict keys do not change).
-    Issue 6 (FSDP2) replaces this with `fully_shard` per block and on the root; it runs on the meta-device model,
-    before `to_empty` and `init_weights`, which is why `build_model` is ordered the way it is.
-    """
-    if cfg.train.activation_checkpointing:
-        raise ConfigError("train.activation_checkpointing is not implemented yet (comes with FSDP2, issue 6)")
-    if cfg.train.compile:
-        for block in getattr(model, "layers", []):
-            block.compile()
-    return model
-
-
 def build_model(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
-    """Build on the meta device (no memory, no init cost), parallelize, materialise, then initialise every
-    parameter and buffer with `init_weights()` — the same path a sharded model takes."""
-    from transfusion.model.transfusion import Transfusion
-
-    with torch.device("meta"):
-        model = Transfusion(cfg.model)
-    model = parallelize(model, cfg)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()
-    return model
+    """A plain single-process model (for inference and tests): distributed.build_model without a mesh."""
+    return dist_mod.build_model(cfg, DistInfo(device=torch.device(device)), None)
 
 
 def setup_cpu_runtime(threads: int) -> None:
@@ -129,21 +90,11 @@ def setup_cpu_runtime(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _setup_runtime(cfg: Config) -> None:
-    setup_cpu_runtime(cfg.train.threads)
-    if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} must be a positive multiple of "
-            f"train.grad_accum={cfg.train.grad_accum}"
-        )
+def _check_config(cfg: Config, world_size: int) -> None:
+    """Errors a user can fix, raised before any collective or step (every rank raises the same one)."""
+    dist_mod.check_global_batch(cfg.train, world_size)
     if cfg.train.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {cfg.train.steps}")
-
-
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------ micro-batches
@@ -178,112 +129,36 @@ def split_rows(batch: MixedBatch, n: int) -> list[MixedBatch]:
     return out
 
 
-# ------------------------------------------------------------------------------------------ one step
-
-
-def _set_grad_sync(model: nn.Module, enabled: bool) -> None:
-    """FSDP2 modules reduce-scatter gradients after every backward unless told not to: with grad accumulation
-    only the last micro-batch needs the sync. A no-op for a plain module."""
-    fn = getattr(model, "set_requires_gradient_sync", None)
-    if fn is not None:
-        fn(enabled)
-
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: list[MixedBatch],
-    schedule: Any,
-    cfg: Config,
-    generator: torch.Generator,
-    device: torch.device,
-) -> StepStats:
-    """Forward/backward every micro-batch, then clip and step — unless the loss or gradient is not finite, in
-    which case the update is skipped (gradients dropped) and the caller counts it."""
-    from transfusion.losses import transfusion_loss
-
-    n_text = [int((mb.lm_targets != IGNORE).sum()) for mb in micro_batches]
-    n_img = [mb.num_images for mb in micro_batches]
-    tot_text, tot_img = sum(n_text), sum(n_img)
-    lm_total = diff_total = 0.0
-    tc = cfg.train
-    for k, mb in enumerate(micro_batches):
-        _set_grad_sync(model, k == len(micro_batches) - 1)
-        with _autocast(device, tc.bf16):
-            # normalised by the whole batch's counts, so the sum over micro-batches is the batch mean over text
-            # targets and over images, whatever the split (and, with an all-reduce of the counts, across ranks)
-            out = transfusion_loss(
-                model, mb, schedule, lm_weight=tc.lm_weight, diffusion_weight=tc.diffusion_weight,
-                generator=generator, normalizer=(tot_text, tot_img),
-            )
-        out.loss.backward()
-        lm_total += float(out.lm_loss)
-        diff_total += float(out.diffusion_loss)
-    loss = tc.lm_weight * lm_total + tc.diffusion_weight * diff_total
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = sum(mb.tokens.numel() for mb in micro_batches)
-    return StepStats(loss, lm_total, diff_total, grad_norm, skipped, tokens, tot_img)
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"loss_generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    return state
+def _save(run: "Run") -> Path:
+    """Collective: every rank writes its shards (DCP); rank 0 adds train_state.json, config, tokenizer."""
+    train_state = {"trainer": asdict(run.state), "loader": run.loader.state_dict()}
+    return dcpc.save(run.out, run.state.step, run.model, run.optimizer, run.cfg, train_state, ema=run.ema,
+                     tokenizer=run.tokenizer, keep=run.cfg.train.keep_checkpoints)
 
 
-def _save(out: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
-          loader: Any, state: TrainState, generator: torch.Generator, tokenizer: Any) -> Path:
-    train_state = {
-        "trainer": asdict(state),
-        "optimizer": optimizer.state_dict(),
-        "loader": loader.state_dict(),
-        "rng": _rng_state(generator),
-    }
-    return ckpt_mod.save_checkpoint(
-        out, state.step, model, cfg, train_state=train_state,
-        ema_state=ema.state_dict() if ema else None, tokenizer=tokenizer, keep=cfg.train.keep_checkpoints,
-    )
-
-
-def _restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
-             loader: Any, generator: torch.Generator) -> TrainState:
-    loaded = ckpt_mod.load_checkpoint(path, model, cfg)
-    ts = loaded.train_state
-    # hyperparameters come from *this* run's config (a resumed run may change them); only moments are restored
-    hparams = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
+def _restore(path: Path, run: "Run") -> TrainState:
+    """Collective: weights, AdamW moments, EMA, RNG, data position and counters from a checkpoint saved at any
+    world size. Optimiser hyper-parameters stay this run's (a resumed run may change them)."""
+    if not dcpc.is_dcp_checkpoint(path):
+        raise ckpt_mod.CheckpointError(
+            f"{path} is a single-file (export) checkpoint without optimiser shards; training can only resume "
+            "from a training checkpoint (checkpoints/step_*/dcp/)")
+    hparams = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in run.optimizer.param_groups]
+    loaded = dcpc.load(path, run.model, run.optimizer, run.cfg, ema=run.ema)
+    for group, h in zip(run.optimizer.param_groups, hparams):
+        group.update(h)
     try:
-        optimizer.load_state_dict(ts["optimizer"])
-        for group, h in zip(optimizer.param_groups, hparams):
-            group.update(h)
-        loader.load_state_dict(ts["loader"])
-        generator.set_state(ts["rng"]["loss_generator"])
-        torch.set_rng_state(ts["rng"]["torch_cpu"])
-        if "torch_cuda" in ts["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ts["rng"]["torch_cuda"])
-        state = TrainState(**ts["trainer"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        run.loader.load_state_dict(loaded.train_state["loader"])
+        state = TrainState(**loaded.train_state["trainer"])
+    except (KeyError, ValueError, TypeError) as e:
         raise ckpt_mod.CheckpointError(f"{loaded.path}: training state does not fit this run ({e})") from None
-    if ema is not None:
-        saved = ckpt_mod.load_ema_state(loaded.path)
-        if saved is None:  # EMA switched on mid-run: start it from the current weights
+    if run.ema is not None and not loaded.has_ema:  # EMA switched on mid-run: start it from the loaded weights
+        if run.info.is_main:
             print(f"note: {loaded.path} has no EMA; starting the EMA from the loaded weights", file=sys.stderr)
-            ema.__init__(model, ema.decay)
-        else:
-            try:
-                ema.load_state_dict(saved)
-            except (KeyError, ValueError) as e:
-                raise ckpt_mod.CheckpointError(f"{loaded.path}: EMA does not fit the model ({e})") from None
+        run.ema.__init__(run.model, run.ema.decay)
     return state
 
 
@@ -300,8 +175,13 @@ def sample_prompts(cfg: Config, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config, path: Path) -> None:
-    """Sample a small grid with the EMA weights (if any) and a fixed seed, restoring the training weights."""
+def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config, path: Path | None) -> None:
+    """Sample a small grid with the EMA weights (if any) and a fixed seed, restoring the training weights.
+
+    Under FSDP every rank must run this (the forward passes all-gather the weights) with the same prompts and
+    seed, so every rank makes the same decisions; only the caller with a `path` (rank 0) writes the PNG."""
+    import contextlib
+
     from transfusion.diffusion.schedule import NoiseSchedule
     from transfusion.generate import generate_images
 
@@ -319,18 +199,21 @@ def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config
             sampler=cfg.eval.sampler.value, generator=g, progress=False,
         )
     model.train(was_training)
-    save_image_grid(images.float().cpu(), path, nrow=min(8, len(prompts)))
+    if path is not None:
+        save_image_grid(images.float().cpu(), path, nrow=min(8, len(prompts)))
 
 
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def _prepare_out(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: fresh run). Refuses to silently overwrite an existing run."""
+def _prepare_out(out: Path, resume: bool, info: DistInfo) -> Path | None:
+    """The checkpoint to resume from (None: fresh run). Refuses to silently overwrite an existing run.
+    Every rank decides alike: no rank can write a checkpoint before all have passed here (model init is a
+    collective)."""
     latest = ckpt_mod.find_latest(out)
     if latest is not None and not resume:
         raise ConfigError(f"{out} already holds a run ({latest.name}); pass --resume to continue it or pick another --out")
-    if resume and latest is None:
+    if resume and latest is None and info.is_main:
         print(f"note: --resume but no checkpoint in {out}; starting from scratch", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     return latest if resume else None
@@ -342,79 +225,96 @@ class Run:
 
     cfg: Config
     out: Path
-    device: torch.device
+    info: DistInfo
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     loader: Any
     schedule: Any
-    generator: torch.Generator  # diffusion noise + timesteps: saved, so a resumed run draws the same ones
     tokenizer: Any
     state: TrainState
     last_saved: int = -1
 
     def save(self) -> None:
-        _save(self.out, self.cfg, self.model, self.optimizer, self.ema, self.loader, self.state, self.generator,
-              self.tokenizer)
+        _save(self)
         self.last_saved = self.state.step
 
     def visuals(self) -> None:
-        _write_visuals(self.out, self.model, self.ema, self.tokenizer, self.cfg, self.state.step)
+        """Collective when sampling (every rank samples); rank 0 writes the files."""
+        main = self.info.is_main
+        if main:
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+        if self.cfg.train.sample_n > 0:
+            path = self.out / "samples" / f"step_{self.state.step:08d}.png" if main else None
+            write_samples(self.model, self.ema, self.tokenizer, self.cfg, path)
 
 
-def setup_run(cfg: Config, out: Path, resume: bool) -> Run:
-    """Tokenizer, model, optimiser, EMA, loader, generator — restored from the latest checkpoint on resume."""
+def setup_run(cfg: Config, out: Path, resume: bool, info: DistInfo) -> Run:
+    """Tokenizer, model, optimiser, EMA, loader — restored from the latest checkpoint on resume."""
     from transfusion.data.loader import build_loader
     from transfusion.diffusion.schedule import NoiseSchedule
     from transfusion.tokenizer import Tokenizer
 
-    _setup_runtime(cfg)
-    resume_from = _prepare_out(out, resume)
-    device = resolve_device(cfg)
+    resume_from = _prepare_out(out, resume, info)
     tokenizer = Tokenizer.load(cfg.data.tokenizer or None)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
-    torch.manual_seed(cfg.train.seed)  # init_weights draws from the global generator
-    model = build_model(cfg, device)
+    mesh = dist_mod.build_mesh(info, cfg.train.hsdp_replicate)
+    model = dist_mod.build_model(cfg, info, mesh)
     model.train()
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
-    loader = build_loader(cfg, tokenizer, split="train")
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    run = Run(cfg, out, device, model, optimizer, ema, loader, NoiseSchedule(cfg.diffusion.num_train_steps),
-              generator, tokenizer, TrainState())
+    loader = build_loader(cfg, tokenizer, "train", rank=info.rank, world_size=info.world_size)
+    run = Run(cfg, out, info, model, optimizer, ema, loader, NoiseSchedule(cfg.diffusion.num_train_steps),
+              tokenizer, TrainState())
     if resume_from is not None:
-        run.state = _restore(resume_from, cfg, model, optimizer, ema, loader, generator)
+        run.state = _restore(resume_from, run)
         run.last_saved = run.state.step
-    (out / "config.toml").write_text(config_mod.dump_toml(cfg))
+    if info.is_main:
+        (out / "config.toml").write_text(config_mod.dump_toml(cfg))
     return run
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train `cfg` into `out_dir` (checkpoints, metrics.jsonl, PNGs); returns a summary dict."""
-    run = setup_run(cfg, Path(out_dir), resume)
-    state, tc = run.state, cfg.train
-    logger = MetricsLogger(run.out / "metrics.jsonl", resume_step=state.step if run.last_saved >= 0 else None)
+    """Train `cfg` into `out_dir` (checkpoints, metrics.jsonl, PNGs); returns a summary dict.
+    Under torchrun every rank calls this; the process group lives exactly as long as the call."""
+    setup_cpu_runtime(cfg.train.threads)
+    info = dist_mod.init_distributed(cfg.train.device)
+    try:
+        _check_config(cfg, info.world_size)
+        run = setup_run(cfg, Path(out_dir), resume, info)
+        return _loop(run, progress and info.is_main)
+    finally:
+        dist_mod.destroy_distributed()
+
+
+def _loop(run: Run, progress: bool) -> dict[str, Any]:
+    state, cfg, tc, info = run.state, run.cfg, run.cfg.train, run.info
+    logger = None
+    if info.is_main:
+        logger = MetricsLogger(run.out / "metrics.jsonl", resume_step=state.step if run.last_saved >= 0 else None)
     bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, dynamic_ncols=True, mininterval=1.0)
     batches = iter(run.loader)
+    rows = tc.batch_size // info.world_size  # this rank's rows: global rows [rank*rows, (rank+1)*rows)
     t_start = t_window = time.perf_counter()
     tok_window, stats = 0, None
     with StopAtStepBoundary() as stop:
         while state.step < tc.steps:
             lr = lr_at(state.step, tc)
             set_lr(run.optimizer, lr)
-            batch = next(batches).to(run.device)
-            stats = train_step(run.model, run.optimizer, split_rows(batch, tc.grad_accum), run.schedule, cfg,
-                               run.generator, run.device)
+            batch = next(batches).to(info.device)
+            stats = dist_mod.train_step(run.model, run.optimizer, split_rows(batch, tc.grad_accum), run.schedule,
+                                        cfg, state.step, info.rank * rows, info)
             state.step += 1
             state.tokens_seen += stats.tokens
             tok_window += stats.tokens
-            _count_bad(state, stats, tc.max_bad_steps)
+            _count_bad(state, stats, tc.max_bad_steps, info.is_main)
             if not stats.skipped and run.ema is not None:
-                run.ema.update(run.model, step=run.state.step)
+                run.ema.update(run.model)
             if state.step % tc.log_every == 0 or state.step == tc.steps or stats.skipped:
                 tok_s = tok_window / max(1e-9, time.perf_counter() - t_window)
-                logger.log(_log_record(state, stats, lr, tok_s))
+                if logger is not None:
+                    logger.log(_log_record(state, stats, lr, tok_s))
                 bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 tok_window, t_window = 0, time.perf_counter()
             bar.update(1)
@@ -422,17 +322,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                 run.visuals()
             if tc.ckpt_every and state.step % tc.ckpt_every == 0:
                 run.save()
-            if _should_stop(stop, tc, state, t_start):
+            if _should_stop(stop, tc, state, t_start, info):
                 break
     bar.close()
     if run.last_saved != state.step:
         run.save()
     if not stop.requested:  # an interrupted user wants their prompt back, not a sample grid
         run.visuals()
-    return _summary(run.out, state, stats, time.perf_counter() - t_start, run.loader)
+    return _summary(run, stats, time.perf_counter() - t_start)
 
 
-def _log_record(state: TrainState, stats: StepStats, lr: float, tok_s: float) -> dict[str, Any]:
+def _log_record(state: TrainState, stats: StepResult, lr: float, tok_s: float) -> dict[str, Any]:
     return {
         "step": state.step, "loss": stats.loss, "lm_loss": stats.lm_loss, "diffusion_loss": stats.diffusion_loss,
         "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tok_s, 1), "n_images": stats.n_images,
@@ -440,26 +340,35 @@ def _log_record(state: TrainState, stats: StepStats, lr: float, tok_s: float) ->
     }
 
 
-def _should_stop(stop: StopAtStepBoundary, tc: Any, state: TrainState, t_start: float) -> bool:
-    if stop.requested:
-        print(f"\ninterrupted at step {state.step}; saving a checkpoint (continue with --resume)", file=sys.stderr)
+def _should_stop(stop: StopAtStepBoundary, tc: Any, state: TrainState, t_start: float, info: DistInfo) -> bool:
+    """Ctrl-C or the time budget. Ranks see the signal and the clock at different moments, so they vote (one
+    all_reduce per step; identity on one process): all stop at the same step or none does."""
+    over_time = bool(tc.time_limit_min) and time.perf_counter() - t_start > 60 * tc.time_limit_min
+    interrupted, over_time = (v > 0 for v in dist_mod.all_reduce_sum([stop.requested, over_time], info.device))
+    stop.requested = stop.requested or interrupted
+    if interrupted:
+        if info.is_main:
+            print(f"\ninterrupted at step {state.step}; saving a checkpoint (continue with --resume)", file=sys.stderr)
         return True
-    if tc.time_limit_min and time.perf_counter() - t_start > 60 * tc.time_limit_min:
+    if over_time:
         # a wall-clock budget (the demo's): stop cleanly with a checkpoint; --resume continues the schedule
-        print(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}",
-              file=sys.stderr)
+        if info.is_main:
+            print(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}",
+                  file=sys.stderr)
         return True
     return False
 
 
-def _count_bad(state: TrainState, stats: StepStats, max_bad: int) -> None:
+def _count_bad(state: TrainState, stats: StepResult, max_bad: int, verbose: bool) -> None:
+    """stats are global (identical on every rank), so every rank skips and diverges at the same step."""
     if not stats.skipped:
         state.bad_in_row = 0
         return
     state.skipped_steps += 1
     state.bad_in_row += 1
-    print(f"warning: step {state.step}: non-finite loss/gradient (loss={stats.loss}, grad_norm={stats.grad_norm}); "
-          f"update skipped ({state.bad_in_row} in a row)", file=sys.stderr)
+    if verbose:
+        print(f"warning: step {state.step}: non-finite loss/gradient (loss={stats.loss}, "
+              f"grad_norm={stats.grad_norm}); update skipped ({state.bad_in_row} in a row)", file=sys.stderr)
     if state.bad_in_row > max_bad:
         raise TrainingDiverged(
             f"training diverged: {state.bad_in_row} consecutive steps with a non-finite loss or gradient "
@@ -468,13 +377,8 @@ def _count_bad(state: TrainState, stats: StepStats, max_bad: int) -> None:
         )
 
 
-def _write_visuals(out: Path, model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config, step: int) -> None:
-    plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-    if cfg.train.sample_n > 0:
-        write_samples(model, ema, tokenizer, cfg, out / "samples" / f"step_{step:08d}.png")
-
-
-def _summary(out: Path, state: TrainState, stats: StepStats | None, wall: float, loader: Any) -> dict[str, Any]:
+def _summary(run: Run, stats: StepResult | None, wall: float) -> dict[str, Any]:
+    state = run.state
     summary = {
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
@@ -483,12 +387,14 @@ def _summary(out: Path, state: TrainState, stats: StepStats | None, wall: float,
         "final_loss": stats.loss if stats else None,
         "final_lm_loss": stats.lm_loss if stats else None,
         "final_diffusion_loss": stats.diffusion_loss if stats else None,
-        "checkpoint": str(ckpt_mod.find_latest(out)),
+        "checkpoint": str(ckpt_mod.find_latest(run.out)),
+        "world_size": run.info.world_size,
     }
-    data_stats = getattr(loader, "stats", None)
+    data_stats = getattr(run.loader, "stats", None)
     if data_stats is not None and hasattr(data_stats, "to_dict"):
-        summary["data"] = data_stats.to_dict()  # skipped inputs of a user folder, by reason
-        print(data_stats.summary(), file=sys.stderr)
-    if state.skipped_steps:
+        summary["data"] = data_stats.to_dict()  # skipped inputs of a user folder, by reason (this rank's)
+        if run.info.is_main:
+            print(data_stats.summary(), file=sys.stderr)
+    if state.skipped_steps and run.info.is_main:
         print(f"note: {state.skipped_steps} step(s) skipped for non-finite loss/gradient", file=sys.stderr)
     return summary
