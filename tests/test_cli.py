@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from transfusion import checkpoint as ck
@@ -41,7 +42,24 @@ def test_train_outputs(run_dir: Path) -> None:
         assert (run_dir / name).is_file()
     latest = ck.resolve(run_dir)
     assert latest.name == "step_00000006"
-    assert {ck.MODEL_FILE, ck.EMA_FILE, ck.STATE_FILE, ck.CONFIG_FILE, ck.TOKENIZER_FILE} <= {p.name for p in latest.iterdir()}
+    # a training checkpoint: DCP shards (any world size can resume it) + JSON state, config, tokenizer
+    assert {"dcp", "train_state.json", ck.CONFIG_FILE, ck.TOKENIZER_FILE, ck.MANIFEST_FILE} <= {
+        p.name for p in latest.iterdir()}
+
+
+def test_export_then_sample(run_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "exp")]) == 0
+    step = ck.resolve(tmp_path / "exp")
+    assert step.name == "step_00000006" and {ck.MODEL_FILE, ck.EMA_FILE} <= {p.name for p in step.iterdir()}
+    a, _, _ = ck.load_for_inference(run_dir)  # the same weights (EMA) from the shards and from the export
+    b, _, _ = ck.load_for_inference(step)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    out = tmp_path / "s.png"
+    assert main(["sample", "--ckpt", str(tmp_path / "exp"), "--prompt", "a red bag", "--out", str(out),
+                 "--steps", "2"]) == 0
+    assert out.is_file()
+    assert main(["export", str(step), "--out", str(tmp_path / "again")]) == 2  # already an export
+    assert "single-file" in capsys.readouterr().err
 
 
 def test_sample_grid_and_single(run_dir: Path, tmp_path: Path, capsys) -> None:
@@ -87,7 +105,7 @@ def test_corrupt_checkpoint_one_line_error(run_dir: Path, tmp_path: Path) -> Non
 
     broken = tmp_path / "broken"
     shutil.copytree(ck.resolve(run_dir), broken)
-    w = broken / ck.MODEL_FILE
+    w = max((broken / "dcp").iterdir(), key=lambda p: p.stat().st_size)  # the shard file
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     res = subprocess.run([sys.executable, "-m", "transfusion.cli", "sample", "--ckpt", str(broken), "--prompt", "x",
                           "--out", str(tmp_path / "y.png")], capture_output=True, text=True)

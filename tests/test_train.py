@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from transfusion import checkpoint as ck
 from transfusion import config
+from transfusion import dcp_checkpoint as dcpc
+from transfusion.distributed import reference_model
 from transfusion.metrics import read_metrics
 from transfusion.train import TrainingDiverged, train
 
@@ -37,8 +38,16 @@ def test_thirty_steps_loss_falls(tmp_path) -> None:
     assert summary["skipped_steps"] == 0 and summary["steps"] == 30
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in recs)
     assert (tmp_path / "run" / "loss_curve.png").is_file()
-    assert (ck.resolve(tmp_path / "run") / ck.EMA_FILE).is_file()
+    assert _weights(tmp_path / "run")[1] is not None  # the checkpoint carries the EMA
     assert config.load(tmp_path / "run" / "config.toml").train.ema == 0.9
+
+
+def _weights(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(training weights, EMA or None) of a run's latest (DCP) checkpoint, read on one process."""
+    ckpt = ck.resolve(run)
+    model = reference_model(ck.read_config(ckpt).model, seed=0)
+    ema = dcpc.load_into_plain(ckpt, model)
+    return model.state_dict(), ema
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -71,9 +80,8 @@ def test_kill9_and_resume_gives_identical_losses(tmp_path) -> None:
     assert sorted(a) == sorted(b) == list(range(1, 31))
     diffs = {s: abs(a[s] - b[s]) for s in a}
     assert max(diffs.values()) <= 1e-6, {s: d for s, d in diffs.items() if d > 1e-6}
-    for name in (ck.MODEL_FILE, ck.EMA_FILE):
-        wa, wb = load_file(str(ck.resolve(ref) / name)), load_file(str(ck.resolve(killed) / name))
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    for wa, wb in zip(_weights(ref), _weights(killed)):  # weights, then EMA
+        assert wa is not None and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch) -> None:

@@ -20,9 +20,12 @@ checkpoint.py checkpoint with full weights, loadable by `checkpoint.load_for_inf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,15 @@ def _is_main() -> bool:
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every call without a process group ("assuming the intent is to save in a single process");
+    one process is a supported, intended mode here, so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def is_dcp_checkpoint(path: str | Path) -> bool:
@@ -113,7 +125,8 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         tmp.mkdir()
     _barrier()
     state, groups = _tensor_state(model, optimizer, ema)
-    dcp.save(state, checkpoint_id=str(tmp / DCP_SUBDIR), no_dist=not _dist())
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=str(tmp / DCP_SUBDIR), no_dist=not _dist())
     if _is_main():
         meta = {
             "format": FORMAT, "step": step, "world_size": dist.get_world_size() if _dist() else 1,
@@ -177,7 +190,8 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     has_ema = bool(meta.get("has_ema"))
     state, _ = _tensor_state(model, optimizer, ema if has_ema else None)
     try:
-        dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=not _dist())
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=not _dist())
     except Exception as e:  # DCP wraps per-rank failures in CheckpointException
         raise CheckpointError(f"{ckpt}: DCP load failed ({type(e).__name__}: {e})") from None
     _apply(model, optimizer, state, meta["optim_param_groups"])
@@ -248,7 +262,8 @@ def load_into_plain(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
     if meta.get("has_ema"):
         state["ema"] = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     try:
-        dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=True)
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=True)
     except Exception as e:  # DCP wraps read failures in CheckpointException
         raise CheckpointError(f"{ckpt}: DCP load failed ({type(e).__name__}: {e})") from None
     model.load_state_dict(state["model"])  # strict: every weight must have come from the checkpoint

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -207,7 +208,9 @@ def materialize(model: nn.Module, cfg: ModelConfig, device: torch.device, seed: 
 
     model.to_empty(device=device)
     torch.manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # DTensor warns that its random ops are incomplete on a CPU mesh: irrelevant, rank 0's init replaces them
+        warnings.filterwarnings("ignore", message="DTensor random operators")
         model.init_weights()
     if not sharded:
         return
