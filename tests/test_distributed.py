@@ -3,12 +3,16 @@
 The module is also the rank program: `torchrun --nproc_per_node=2 tests/test_distributed.py OUT RUN1` runs every
 2-rank scenario in one launch (starting processes costs ~10 s each on 2 cores) and writes OUT/results.json;
 the tests compare it with the single process run here. Synthetic batches (core_helpers.random_batch) keep it fast.
+
+The last tests run the real CLI end to end: `torchrun -m transfusion.cli train` on 2 ranks against one plain
+process, resume of the 2-rank checkpoint on 1 process, export + sample, and a world size the batch refuses.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,14 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from core_helpers import random_batch  # noqa: E402
+from train_helpers import write_micro_config  # noqa: E402
 
 from transfusion import dcp_checkpoint as dcpc  # noqa: E402
 from transfusion import distributed as D  # noqa: E402
 from transfusion.batch import MixedBatch  # noqa: E402
+from transfusion import checkpoint as ck  # noqa: E402
 from transfusion.checkpoint import CheckpointError, load_for_inference  # noqa: E402
+from transfusion.cli import main as cli_main  # noqa: E402
 from transfusion.config import Config, ConfigError, ModelConfig, TrainConfig  # noqa: E402
 from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
 from transfusion.ema import EMA  # noqa: E402
+from transfusion.metrics import read_metrics  # noqa: E402
 from transfusion.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 from transfusion.train import split_rows  # noqa: E402
 
@@ -255,6 +263,80 @@ def test_noise_is_the_same_whichever_rank_holds_the_row():
     assert torch.equal(torch.cat([p[1] for p in parts]), n_all)
     assert torch.equal(torch.cat([p[0] for p in parts]), t_all)
     assert not torch.equal(D.noise_for_rows(b, schedule, 0, 8, 0)[1], n_all)  # a new step draws new noise
+
+
+# ------------------------------------------------------------------------------------------ the CLI end to end
+
+CLI_STEPS, CLI_CKPT = 6, 3
+
+
+def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "transfusion.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict[str, Path]:
+    """`transfusion train` on one plain process (here) and on 2 torchrun ranks: same config, same global batch.
+    The 2-rank run also samples its (EMA) grid at the end, which under FSDP is collective."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = write_micro_config(tmp / "c.toml", steps=CLI_STEPS, ckpt_every=CLI_CKPT,
+                             extra="keep_checkpoints = 0\nema = 0.9")
+    assert cli_main(["train", str(cfg), "--out", str(tmp / "one"), "--no-progress"]) == 0
+    proc = _torchrun(2, ["train", str(cfg), "--out", str(tmp / "two"), "--no-progress", "--set", "train.sample_n=2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count('"steps": 6') == 1  # the summary is printed by rank 0 only
+    return {"tmp": tmp, "cfg": cfg, "one": tmp / "one", "two": tmp / "two"}
+
+
+def _same_metrics(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a
+    for x, y in zip(a, b):
+        for k in ("loss", "lm_loss", "diffusion_loss", "grad_norm"):
+            assert abs(x[k] - y[k]) < tol * max(1.0, abs(y[k])), f"step {x['step']} {k}: {x[k]} vs {y[k]}"
+        assert x["tokens_seen"] == y["tokens_seen"] and x["n_images"] == y["n_images"]
+
+
+def test_cli_two_ranks_equal_one_process(cli_runs):
+    one, two = (read_metrics(cli_runs[k] / "metrics.jsonl") for k in ("one", "two"))
+    assert [r["step"] for r in one] == list(range(1, CLI_STEPS + 1))
+    _same_metrics(two, one)
+    assert (cli_runs["two"] / "samples" / f"step_{CLI_STEPS:08d}.png").is_file()
+    assert json.loads((ck.resolve(cli_runs["two"]) / dcpc.STATE_JSON).read_text())["world_size"] == 2
+
+
+def test_cli_resume_two_rank_checkpoint_on_one_process(cli_runs):
+    """Roll the 2-rank run back to its step-3 checkpoint and continue it on one process."""
+    run = cli_runs["tmp"] / "two_then_one"
+    shutil.copytree(cli_runs["two"], run)
+    root = run / ck.CKPT_SUBDIR
+    shutil.rmtree(root / ck.step_name(CLI_STEPS))
+    ck.write_latest(root, ck.step_name(CLI_CKPT))
+    assert cli_main(["train", str(cli_runs["cfg"]), "--out", str(run), "--no-progress", "--resume"]) == 0
+    _same_metrics(read_metrics(run / "metrics.jsonl"), read_metrics(cli_runs["one"] / "metrics.jsonl"))
+
+
+def test_cli_export_and_sample_from_two_rank_run(cli_runs, tmp_path):
+    exp = tmp_path / "export"
+    assert cli_main(["export", str(cli_runs["two"]), "--out", str(exp)]) == 0
+    assert (ck.resolve(exp) / ck.MODEL_FILE).is_file() and (ck.resolve(exp) / ck.EMA_FILE).is_file()
+    for src in (exp, cli_runs["two"]):  # the single-file export, and the DCP training checkpoint itself
+        out = tmp_path / f"{src.name}.png"
+        assert cli_main(["sample", "--ckpt", str(src), "--prompt", "a red bag", "--out", str(out),
+                         "--steps", "2"]) == 0
+        assert out.is_file()
+
+
+def test_cli_more_ranks_than_the_batch_allows(tmp_path):
+    cfg = write_micro_config(tmp_path / "c.toml", steps=2)
+    proc = _torchrun(3, ["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])  # 8 rows, 3 ranks
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert out.count("error: train.batch_size=8") == 1, out[-3000:]  # rank 0 alone prints it
+    assert "world_size=3" in out and "Traceback (most recent call last)" not in proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and ck.find_latest(tmp_path / "run") is None
 
 
 if __name__ == "__main__":
