@@ -307,14 +307,25 @@ def test_cli_two_ranks_equal_one_process(cli_runs):
     assert json.loads((ck.resolve(cli_runs["two"]) / dcpc.STATE_JSON).read_text())["world_size"] == 2
 
 
-def test_cli_resume_two_rank_checkpoint_on_one_process(cli_runs):
-    """Roll the 2-rank run back to its step-3 checkpoint and continue it on one process."""
-    run = cli_runs["tmp"] / "two_then_one"
-    shutil.copytree(cli_runs["two"], run)
-    root = run / ck.CKPT_SUBDIR
+def _rolled_back(src: Path, dst: Path) -> Path:
+    """A copy of a finished run as it was when its step-CLI_CKPT checkpoint was the latest."""
+    shutil.copytree(src, dst)
+    root = dst / ck.CKPT_SUBDIR
     shutil.rmtree(root / ck.step_name(CLI_STEPS))
     ck.write_latest(root, ck.step_name(CLI_CKPT))
+    return dst
+
+
+def test_cli_resume_two_rank_checkpoint_on_one_process(cli_runs):
+    run = _rolled_back(cli_runs["two"], cli_runs["tmp"] / "two_then_one")
     assert cli_main(["train", str(cli_runs["cfg"]), "--out", str(run), "--no-progress", "--resume"]) == 0
+    _same_metrics(read_metrics(run / "metrics.jsonl"), read_metrics(cli_runs["one"] / "metrics.jsonl"))
+
+
+def test_cli_resume_one_process_checkpoint_on_two_ranks(cli_runs):
+    run = _rolled_back(cli_runs["one"], cli_runs["tmp"] / "one_then_two")
+    proc = _torchrun(2, ["train", str(cli_runs["cfg"]), "--out", str(run), "--no-progress", "--resume"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     _same_metrics(read_metrics(run / "metrics.jsonl"), read_metrics(cli_runs["one"] / "metrics.jsonl"))
 
 

@@ -132,6 +132,11 @@ def test_resume_errors(tmp_path) -> None:
     with pytest.raises(ck.CheckpointError, match="model.n_layers: checkpoint 2 vs config 3"):
         train(config.load(cfg_path, ["model.n_layers=3", "train.steps=6"]), tmp_path / "run", resume=True,
               progress=False)
+    # a single-file export has no optimiser shards: it samples, but cannot resume training
+    export = ck.save_checkpoint(tmp_path / "exported", 4, reference_model(config.load(cfg_path).model, 0),
+                                config.load(cfg_path))
+    with pytest.raises(ck.CheckpointError, match="single-file"):
+        train(config.load(cfg_path, ["train.steps=6"]), export.parent.parent, resume=True, progress=False)
     # longer schedule, same model: resumes from step 4 and finishes
     summary = train(config.load(cfg_path, ["train.steps=6"]), tmp_path / "run", resume=True, progress=False)
     assert summary["steps"] == 6

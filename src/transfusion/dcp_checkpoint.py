@@ -1,5 +1,7 @@
 """Sharded training checkpoints with torch.distributed.checkpoint (DCP): save on N ranks, resume on M.
 
+The trainer's one checkpoint format, for every run (a plain single process writes one shard file).
+
 Same directory scheme as checkpoint.py, so `find_latest`, `resolve` and `verify` work on both kinds:
 
     RUN/checkpoints/step_XXXXXXXX/
@@ -14,8 +16,10 @@ torch.load(weights_only=False), i.e. unrestricted unpickling; the JSON file keep
 loading a checkpoint never runs code from it. Atomicity follows checkpoint.py: ranks write into a hidden temp
 directory, rank 0 adds the small files and the manifest and renames it into place, then updates `latest`.
 
-`export_safetensors` (collective, during training) and `export_from_dcp` (one process, offline) write a plain
-checkpoint.py checkpoint with full weights, loadable by `checkpoint.load_for_inference` / `transfusion sample`.
+`load_into_plain` (one process) loads any DCP checkpoint into an unsharded model: `checkpoint.load_for_inference`
+uses it, so `transfusion sample --ckpt RUN` reads training checkpoints directly. `export_safetensors`
+(collective, during training) and `export_from_dcp` (one process, offline; `transfusion export`) write a plain
+checkpoint.py checkpoint with full weights in one safetensors file.
 """
 
 from __future__ import annotations
