@@ -14,8 +14,9 @@ sampling) in the same order.
 
 from __future__ import annotations
 
-import sys
+import contextlib
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -91,7 +92,8 @@ def setup_cpu_runtime(threads: int) -> None:
 
 
 def _check_config(cfg: Config, world_size: int) -> None:
-    """Errors a user can fix, raised before any collective or step (every rank raises the same one)."""
+    """Errors a user can fix, raised before any step (every rank raises the same one, so none is left waiting
+    in a collective)."""
     dist_mod.check_global_batch(cfg.train, world_size)
     if cfg.train.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {cfg.train.steps}")
@@ -180,8 +182,6 @@ def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config
 
     Under FSDP every rank must run this (the forward passes all-gather the weights) with the same prompts and
     seed, so every rank makes the same decisions; only the caller with a `path` (rank 0) writes the PNG."""
-    import contextlib
-
     from transfusion.diffusion.schedule import NoiseSchedule
     from transfusion.generate import generate_images
 
