@@ -53,10 +53,10 @@ def _safe_splits(image_ids, k):
     return ok[step::step][:k]
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_kv_cached_decoding_equals_uncached(seed):
+@pytest.mark.parametrize("seed,pos_emb", [(0, False), (1, False), (2, False), (3, True)])
+def test_kv_cached_decoding_equals_uncached(seed, pos_emb):
     """Prefix through the cache in chunks (down to single tokens) == one uncached pass: logits and eps."""
-    model = micro_model()
+    model = micro_model(patch_pos_emb=pos_emb)
     b = random_batch(model.cfg, B=2, L=60, seed=seed, max_docs=2)
     t = torch.randint(0, 1000, (b.patches.shape[0],))
     is_img = b.image_ids >= 0
@@ -178,3 +178,17 @@ def test_position_beyond_max_seq_len_is_an_error():
     b = random_batch(model.cfg, B=1, L=16, seed=0, max_images=0)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(b.tokens, b.image_ids, b.doc_ids, b.positions + 10_000, b.patches, torch.zeros(0, dtype=torch.long))
+
+
+def test_patch_position_embedding_is_2d_and_position_aware():
+    model = micro_model(patch_pos_emb=True)
+    pos = model.patch.pos  # (n, dim), initialised from 2-D sin-cos
+    assert pos.shape == (model.cfg.patches_per_image, model.cfg.dim)
+    assert abs(float(pos.std()) - model.cfg.init_std) < 1e-3
+    assert torch.cdist(pos, pos).add(torch.eye(len(pos))).min() > 0  # every patch slot distinct
+    b = one_image_batch(model.cfg)
+    with torch.no_grad():
+        with_pos = model(*_args(b)).eps
+        model.patch.pos.zero_()
+        without = model(*_args(b)).eps
+    assert not torch.allclose(with_pos, without)

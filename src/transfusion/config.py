@@ -63,6 +63,9 @@ class ModelConfig:
     image_size: int = 32
     patch_size: int = 2
     patch_encoder: PatchEncoder = PatchEncoder.LINEAR
+    # extension (paper is silent): a learned 2-D position embedding added to each patch encoding, initialised
+    # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence
+    patch_pos_emb: bool = False
     attention_mask: AttentionMask = AttentionMask.TRANSFUSION
     attention_impl: AttentionImpl = AttentionImpl.SDPA
 

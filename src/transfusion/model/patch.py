@@ -67,13 +67,31 @@ class PatchEncoderBase(nn.Module):
         raise NotImplementedError
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """(grid*grid, dim) 2-D sin-cos table in reading order: half the channels encode the row, half the column."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    quarter = dim // 4
+    freqs = 1.0 / (10_000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1)))
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        ang = coord[:, None].double() * freqs[None]
+        parts += [ang.sin(), ang.cos()]
+    table = torch.cat(parts, dim=-1).float()
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
 class LinearPatch(PatchEncoderBase):
     """Linear patch encoding (paper §3.2) with the timestep embedding added to each patch vector *before* the
-    linear layer (fn. 6). The embedding is a sinusoid of t passed through a small MLP into patch space."""
+    linear layer (fn. 6). The embedding is a sinusoid of t passed through a small MLP into patch space.
 
-    def __init__(self, patch_dim: int, dim: int, t_freq_dim: int = 256):
+    With `patches_per_image` set, a learned (n, dim) position embedding is added to the encodings (an option,
+    `model.patch_pos_emb`). Patches always arrive as whole images in reading order, so a patch's index in its
+    image is its row index modulo n."""
+
+    def __init__(self, patch_dim: int, dim: int, t_freq_dim: int = 256, patches_per_image: int = 0):
         super().__init__()
         self.t_freq_dim = t_freq_dim
+        self.pos = nn.Parameter(torch.empty(patches_per_image, dim)) if patches_per_image else None
         self.t_mlp = nn.Sequential(nn.Linear(t_freq_dim, dim), nn.SiLU(), nn.Linear(dim, patch_dim))
         self.proj_in = nn.Linear(patch_dim, dim)
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=True)
@@ -81,7 +99,11 @@ class LinearPatch(PatchEncoderBase):
 
     def encode(self, x_t: Tensor, t: Tensor) -> Tensor:
         temb = self.t_mlp(timestep_embedding(t, self.t_freq_dim).to(x_t.dtype))  # (P, D)
-        return self.proj_in(x_t + temb)  # (P, dim)
+        h = self.proj_in(x_t + temb)  # (P, dim)
+        if self.pos is not None:
+            n = self.pos.shape[0]
+            h = h + self.pos[torch.arange(h.shape[0], device=h.device) % n].to(h.dtype)
+        return h
 
     def decode(self, h: Tensor) -> Tensor:
         return self.proj_out(self.norm_out(h))  # (P, D)
@@ -91,6 +113,9 @@ class LinearPatch(PatchEncoderBase):
         for lin in (self.t_mlp[0], self.t_mlp[2], self.proj_in):
             nn.init.normal_(lin.weight, std=std)
             nn.init.zeros_(lin.bias)
+        if self.pos is not None:  # 2-D sin-cos structure at the scale of the other embeddings
+            table = sincos_2d(math.isqrt(self.pos.shape[0]), self.pos.shape[1]).to(self.pos.device)
+            self.pos.copy_(table * (std / table.std()))
         nn.init.ones_(self.norm_out.weight)
         nn.init.zeros_(self.norm_out.bias)
         # zero-init the output so an untrained model predicts eps = 0 (DiT-style): stable early diffusion loss
@@ -100,7 +125,7 @@ class LinearPatch(PatchEncoderBase):
 
 def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
     if cfg.patch_encoder == PatchEncoder.LINEAR:
-        return LinearPatch(cfg.patch_dim, cfg.dim)
+        return LinearPatch(cfg.patch_dim, cfg.dim, patches_per_image=cfg.patches_per_image if cfg.patch_pos_emb else 0)
     raise NotImplementedError(
         f"model.patch_encoder={cfg.patch_encoder.value!r} is not implemented yet; use 'linear'"
     )
