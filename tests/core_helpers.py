@@ -26,8 +26,12 @@ def micro_model(seed: int = 0, **overrides) -> Transfusion:
     torch.manual_seed(seed)
     cfg = ModelConfig.from_name("micro", **overrides)
     model = Transfusion(cfg).eval()
-    # give the zero-initialised output layer random weights so eps predictions depend on the input
-    torch.nn.init.normal_(model.patch.proj_out.weight, std=0.02)
+    # give the zero-initialised layers (patch output, U-Net residual branches) random weights so eps
+    # predictions depend on the input
+    with torch.no_grad():
+        for name, p in model.patch.named_parameters():
+            if name.endswith("weight") and p.dim() > 1 and not p.any():
+                torch.nn.init.normal_(p, std=0.02)
     return model
 
 

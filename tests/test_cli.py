@@ -112,3 +112,16 @@ def test_corrupt_checkpoint_one_line_error(run_dir: Path, tmp_path: Path) -> Non
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert res.stderr.startswith("error:") and "truncated or corrupt" in res.stderr
+
+
+def test_v_prediction_unet_run_trains_and_samples_through_the_cli(tmp_path: Path) -> None:
+    """The options travel end to end: the checkpoint's config says v + U-Net, and sampling reads it back."""
+    cfg = write_micro_config(tmp_path / "c.toml", steps=2, ckpt_every=2)
+    opts = ["--set", "diffusion.prediction=v", "--set", "model.patch_encoder=unet", "--set", "model.unet_width=8"]
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", *opts]) == 0
+    model, loaded, _ = ck.load_for_inference(tmp_path / "run")
+    assert loaded.diffusion.prediction.value == "v" and type(model.patch).__name__ == "UNetPatch"
+    out = tmp_path / "s.png"
+    assert main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", "a red bag", "--out", str(out),
+                 "--steps", "3", "--n", "2"]) == 0
+    assert out.is_file()

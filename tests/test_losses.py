@@ -86,3 +86,36 @@ def test_bf16_autocast_tracks_fp32_over_a_short_run():
     rel = ((curves[True] - curves[False]).abs() / curves[False]).max()
     assert rel < 0.03, rel
     assert curves[True][-1] < curves[True][0] * 0.95  # and it is actually training (random tokens: LM floor)
+
+
+def test_v_prediction_loss_regresses_v_with_the_same_draws():
+    """diffusion.prediction = "v": the diffusion loss is the MSE to v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    from transfusion.losses import noised_patches
+
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=64, seed=4)
+    schedule = NoiseSchedule(prediction="v")
+    out = transfusion_loss(model, b, schedule, generator=torch.Generator().manual_seed(0))
+    x_t, t, noise, img = noised_patches(b, schedule, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x_t, t).eps
+    a = schedule.abar(t, noise)[:, None]
+    v = a.sqrt() * noise - (1 - a).sqrt() * b.patches
+    per_image = [((pred[img == k] - v[img == k]) ** 2).mean() for k in range(b.num_images)]
+    assert torch.allclose(out.diffusion_loss, torch.stack(per_image).mean(), atol=1e-6)
+    eps_out = transfusion_loss(model, b, NoiseSchedule(), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(out.diffusion_loss, eps_out.diffusion_loss)
+
+
+def test_v_prediction_model_overfits_a_fixed_batch():
+    model = micro_model(seed=0).train()
+    b = random_batch(model.cfg, B=2, L=48, seed=7, max_docs=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        out = transfusion_loss(model, b, NoiseSchedule(prediction="v"), generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.diffusion_loss))
+    assert losses[-1] < losses[0] / 10, losses

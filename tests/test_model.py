@@ -53,10 +53,11 @@ def _safe_splits(image_ids, k):
     return ok[step::step][:k]
 
 
-@pytest.mark.parametrize("seed,pos_emb", [(0, False), (1, False), (2, False), (3, True)])
-def test_kv_cached_decoding_equals_uncached(seed, pos_emb):
+@pytest.mark.parametrize("seed,options", [(0, {}), (1, {}), (2, {}), (3, {"patch_pos_emb": True}),
+                                          (4, {"patch_encoder": "unet", "unet_width": 8})])
+def test_kv_cached_decoding_equals_uncached(seed, options):
     """Prefix through the cache in chunks (down to single tokens) == one uncached pass: logits and eps."""
-    model = micro_model(patch_pos_emb=pos_emb)
+    model = micro_model(**options)
     b = random_batch(model.cfg, B=2, L=60, seed=seed, max_docs=2)
     t = torch.randint(0, 1000, (b.patches.shape[0],))
     is_img = b.image_ids >= 0

@@ -118,7 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from transfusion.generate import generate_images
 
     model, cfg, tok = _load(args.ckpt, args.no_ema)
-    schedule = NoiseSchedule(cfg.diffusion.num_train_steps)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
     with torch.no_grad():
         images = generate_images(
             model, tok, [args.prompt] * args.n, schedule,
@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     with torch.no_grad():
         parts = generate(
-            model, tok, args.prompt, NoiseSchedule(cfg.diffusion.num_train_steps),
+            model, tok, args.prompt, NoiseSchedule.from_config(cfg.diffusion),
             max_new_tokens=args.max_new_tokens, steps=args.steps or cfg.eval.sample_steps,
             cfg_scale=cfg.eval.cfg_scale if args.cfg is None else args.cfg, sampler=cfg.eval.sampler.value,
             temperature=args.temperature, generator=_generator(args.seed),

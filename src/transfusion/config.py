@@ -32,7 +32,12 @@ class AttentionImpl(str, enum.Enum):
 
 class PatchEncoder(str, enum.Enum):
     LINEAR = "linear"  # paper §3.2: a linear layer, timestep embedding added to the patch first (fn. 6)
-    UNET = "unet"  # paper §3.2: U-Net down/up blocks (interface reserved; see model/patch.py)
+    UNET = "unet"  # paper §3.2: U-Net down/up blocks with skips (model/patch.py)
+
+
+class Prediction(str, enum.Enum):
+    EPSILON = "epsilon"  # paper eq. 3: the network predicts the noise
+    V = "v"  # an extension (Salimans & Ho 2022): v = sqrt(abar) eps - sqrt(1 - abar) x0, well conditioned at high t
 
 
 class Sampler(str, enum.Enum):
@@ -63,6 +68,8 @@ class ModelConfig:
     image_size: int = 32
     patch_size: int = 2
     patch_encoder: PatchEncoder = PatchEncoder.LINEAR
+    unet_width: int = 64  # U-Net channels at full resolution, doubled per level (log2(patch_size) levels)
+    unet_blocks: int = 1  # ResBlocks per U-Net level, down and up
     # extension (paper is silent): a learned 2-D position embedding added to each patch encoding, initialised
     # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence
     patch_pos_emb: bool = False
@@ -77,6 +84,9 @@ class ModelConfig:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.patch_pos_emb and self.patch_encoder != PatchEncoder.LINEAR:
+            raise ConfigError("model.patch_pos_emb is an option of the linear patch encoder; the U-Net's "
+                              "convolutions already see where each patch is")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
@@ -128,7 +138,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class DiffusionConfig:
     num_train_steps: int = 1000  # T (paper §2.2)
     schedule: str = "cosine"  # Nichol & Dhariwal 2021, s = 0.008
-    prediction: str = "epsilon"
+    prediction: Prediction = Prediction.EPSILON  # what the patch decoder outputs; the loss is MSE on it
     noise_limit: int = 500  # max t for images that come before their caption (paper §4.3.4)
     sample_steps: int = 250  # paper §4.1: 250 of the 1000 training steps
     sampler: Sampler = Sampler.DDPM

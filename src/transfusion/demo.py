@@ -43,7 +43,7 @@ def draw_grid(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, see
     t0 = time.perf_counter()
     with torch.no_grad():
         images = generate_images(
-            model, tokenizer, prompts, NoiseSchedule(cfg.diffusion.num_train_steps), steps=cfg.eval.sample_steps,
+            model, tokenizer, prompts, NoiseSchedule.from_config(cfg.diffusion), steps=cfg.eval.sample_steps,
             cfg_scale=cfg.eval.cfg_scale, sampler=cfg.eval.sampler.value,
             generator=torch.Generator().manual_seed(seed), progress=True,
         ).float().cpu()
@@ -100,7 +100,7 @@ def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path)
     from transfusion.generate import generate
 
     with torch.no_grad():
-        parts = generate(model, tokenizer, SHAKESPEARE_PROMPT, NoiseSchedule(cfg.diffusion.num_train_steps),
+        parts = generate(model, tokenizer, SHAKESPEARE_PROMPT, NoiseSchedule.from_config(cfg.diffusion),
                          max_new_tokens=96, max_images=0, progress=False)
     text = SHAKESPEARE_PROMPT + "".join(p for p in parts if isinstance(p, str))
     (out / "shakespeare.txt").write_text(text + "\n")

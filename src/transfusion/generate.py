@@ -132,7 +132,7 @@ class Decoder:
             t = sampler.timesteps[i].to(self.device).expand(B * n)
             x_in = torch.cat([x, x]) if guided else x  # (B, n, D)
             self._run(tokens, image_ids, doc_ids, positions, x_in.reshape(B * n, D), t, commit=False, logits=False)
-            eps = self.last_eps.float().view(B, n, D)
+            eps = sampler.schedule.to_eps(x_in.reshape(B * n, D).float(), self.last_eps.float(), t).view(B, n, D)
             if guided:
                 eps = cfg_combine(eps[:n_cond], eps[n_cond:], cfg_scale)
             x = sampler.step(x, eps, i, generator)

@@ -2,7 +2,7 @@
 
 - L_LM: next-token cross-entropy over text targets only (batch.lm_targets; none on patches, none when the
   input is BOI, fn. 8), averaged over target tokens.
-- L_DDPM: eps-prediction MSE (eq. 3), averaged over each image's patch values first, then over images, so a
+- L_DDPM: eps-prediction MSE (eq. 3; v-prediction with diffusion.prediction = "v"), averaged over each image's patch values first, then over images, so a
   large image counts as one example like a small one.
 
 Each image gets its own timestep (uniform in [0, image_max_t], the §4.3.4 noise limit for image-first
@@ -69,7 +69,8 @@ def transfusion_loss(
     lm_sum = F.cross_entropy(out.logits.float(), targets, reduction="sum")
 
     n_img = batch.num_images
-    per_value = (out.eps.float() - noise.float()).pow(2)  # (P, D)
+    target = schedule.target(batch.patches.float(), noise.float(), t)  # (P, D): eps, or v (an option)
+    per_value = (out.eps.float() - target).pow(2)  # (P, D)
     sums = torch.zeros(n_img, device=per_value.device).index_add(0, patch_image, per_value.sum(-1))
     counts = torch.bincount(patch_image, minlength=n_img).clamp(min=1) * per_value.shape[-1]
     diff_sum = (sums / counts).sum()  # sum over images of each image's mean squared error

@@ -188,7 +188,7 @@ def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config
     prompts = sample_prompts(cfg, cfg.train.sample_n)
     if not prompts:
         return
-    schedule = NoiseSchedule(cfg.diffusion.num_train_steps)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.train.seed + 12345)
     ctx = ema.swapped_into(model) if ema is not None else contextlib.nullcontext(model)
     was_training = model.training
@@ -265,7 +265,7 @@ def setup_run(cfg: Config, out: Path, resume: bool, info: DistInfo) -> Run:
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
     loader = build_loader(cfg, tokenizer, "train", rank=info.rank, world_size=info.world_size)
-    run = Run(cfg, out, info, model, optimizer, ema, loader, NoiseSchedule(cfg.diffusion.num_train_steps),
+    run = Run(cfg, out, info, model, optimizer, ema, loader, NoiseSchedule.from_config(cfg.diffusion),
               tokenizer, TrainState())
     if resume_from is not None:
         run.state = _restore(resume_from, run)

@@ -5,6 +5,10 @@
 abar follows Nichol & Dhariwal (2021): abar(u) = f(u) / f(0), f(u) = cos^2((u + s) / (1 + s) * pi / 2),
 s = 0.008, discretised into T = 1000 steps with each beta clipped at 0.999. Index t = 0 is the least noisy
 step (abar_0 ~ 1); a clean image fed for captioning is passed as x_0 with t = 0.
+
+The schedule also knows what the network predicts (`diffusion.prediction`): eps (paper eq. 3, the default) or
+v = sqrt(abar) eps - sqrt(1 - abar) x_0 (an option). `target` is the regression target of the loss and `to_eps`
+turns the network's output back into eps for the samplers, so nothing else depends on the choice.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from transfusion.config import DiffusionConfig, Prediction
 
 
 def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -29,11 +35,16 @@ def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.
 
 
 class NoiseSchedule:
-    def __init__(self, num_steps: int = 1000, kind: str = "cosine"):
+    def __init__(self, num_steps: int = 1000, kind: str = "cosine", prediction: Prediction | str = "epsilon"):
         if kind != "cosine":
             raise ValueError(f"unknown noise schedule {kind!r}; available: 'cosine'")
         self.num_steps = num_steps
+        self.prediction = Prediction(prediction)
         self.alphas_cumprod = cosine_alphas_cumprod(num_steps)  # (T,) float64
+
+    @classmethod
+    def from_config(cls, dc: DiffusionConfig) -> "NoiseSchedule":
+        return cls(dc.num_train_steps, dc.schedule, dc.prediction)
 
     def abar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar at integer timesteps t (any shape), as `like`'s dtype/device."""
@@ -43,6 +54,20 @@ class NoiseSchedule:
         """Eq. 2 for patch rows: x0, noise (P, D); t (P,) -> x_t (P, D)."""
         a = self.abar(t, x0).unsqueeze(-1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network learns to output for x_t = add_noise(x0, noise, t): (P, D)."""
+        if self.prediction == Prediction.EPSILON:
+            return noise
+        a = self.abar(t, x0).unsqueeze(-1)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def to_eps(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        """The network's output (P, D) at x_t (P, D), t (P,) -> its eps estimate (identity for eps-prediction)."""
+        if self.prediction == Prediction.EPSILON:
+            return pred
+        a = self.abar(t, x_t).unsqueeze(-1)
+        return (1 - a).sqrt() * x_t + a.sqrt() * pred
 
     def predict_x0(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         a = self.abar(t, x_t).unsqueeze(-1)

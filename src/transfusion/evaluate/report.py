@@ -61,7 +61,7 @@ def _generate(model, tok, cfg, items: Tensor, colours: Tensor, steps: int, cfg_s
     from transfusion.diffusion.schedule import NoiseSchedule
     from transfusion.generate import generate_images
 
-    schedule = NoiseSchedule(cfg.diffusion.num_train_steps)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
     prompts = [fashion.caption(int(i), int(c)) for i, c in zip(items, colours)]
     gen = torch.Generator().manual_seed(seed)
     out = []

@@ -4,17 +4,19 @@ An image (VAE latent or raw pixels, fn. 3) of C x H x W becomes (H/k)*(W/k) patc
 ordered left to right, top to bottom. The encoder maps patch vectors to the transformer width; the decoder
 maps hidden states back to a noise prediction of the same shape.
 
-Encoders implement `PatchEncoderBase`: `encode(x_t (P, D), t (P,)) -> (P, dim)` and
-`decode(h (P, dim)) -> (P, D)`. A U-Net encoder (down blocks before, up blocks after the transformer) fits this
-interface once it works on whole images; it is not built yet and asking for it raises.
+Encoders implement `PatchEncoderBase`: `encode(x_t (P, D), t (P,)) -> ((P, dim), ctx)` and
+`decode(h (P, dim), ctx) -> (P, D)`, where ctx is whatever the encoder hands its decoder within one forward
+pass (None for the linear layer, the skip activations for the U-Net).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.config import ModelConfig, PatchEncoder
@@ -57,10 +59,10 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
 
 
 class PatchEncoderBase(nn.Module):
-    def encode(self, x_t: Tensor, t: Tensor) -> Tensor:  # (P, D), (P,) -> (P, dim)
+    def encode(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Any]:  # (P, D), (P,) -> (P, dim), ctx
         raise NotImplementedError
 
-    def decode(self, h: Tensor) -> Tensor:  # (P, dim) -> (P, D)
+    def decode(self, h: Tensor, ctx: Any) -> Tensor:  # (P, dim), ctx from encode -> (P, D)
         raise NotImplementedError
 
     def init_weights(self, std: float) -> None:
@@ -97,15 +99,15 @@ class LinearPatch(PatchEncoderBase):
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=True)
         self.proj_out = nn.Linear(dim, patch_dim)
 
-    def encode(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def encode(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, None]:
         temb = self.t_mlp(timestep_embedding(t, self.t_freq_dim).to(x_t.dtype))  # (P, D)
         h = self.proj_in(x_t + temb)  # (P, dim)
         if self.pos is not None:
             n = self.pos.shape[0]
             h = h + self.pos[torch.arange(h.shape[0], device=h.device) % n].to(h.dtype)
-        return h
+        return h, None
 
-    def decode(self, h: Tensor) -> Tensor:
+    def decode(self, h: Tensor, ctx: None = None) -> Tensor:
         return self.proj_out(self.norm_out(h))  # (P, D)
 
     @torch.no_grad()
@@ -123,9 +125,128 @@ class LinearPatch(PatchEncoderBase):
         nn.init.zeros_(self.proj_out.bias)
 
 
+# --------------------------------------------------------------------------------- U-Net
+#
+# U-Net patch encoder/decoder (paper §3.2, Fig. 3, Table 7): down blocks before the transformer, up blocks
+# after it, with skip connections from each down level to the matching up level.
+#
+#     encode:  patches (P, D) -> images (N, C, H, W) -> conv_in -> [ResBlock(t) x blocks, save skip, Down] x levels
+#              -> (N, c_L, H/k, W/k) -> 1x1 conv to dim -> (P, dim) in reading order
+#     decode:  (P, dim) -> (N, dim, H/k, W/k) -> 1x1 conv to c_L -> [Up, concat skip, ResBlock(t) x blocks] x levels
+#              -> norm, SiLU, conv_out -> (N, C, H, W) -> patches (P, D)
+#
+# levels = log2(patch_size) (28x28 pixels in 4x4 patches: 28 -> 14 -> 7, two levels); the widths double per level
+# from `unet_width`. The timestep enters every ResBlock as an added per-channel bias (Ho et al. 2020 style); like
+# the paper (fn. 7) there is no adaptive norm: each norm is a plain layer norm over (C, H, W) (GroupNorm with one
+# group). The convolutions see across patch borders, so the decoder can draw edges a linear layer cannot.
+#
+# Patches arrive as whole images in reading order (the same contract as `LinearPatch`'s position embedding), and
+# every patch of an image shares one timestep, so t of image i is t[i * n]. `encode` returns the skip activations
+# as its context; `decode` of the same forward pass consumes them.
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(1, channels)  # layer norm over (C, H, W), paper fn. 7
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> conv3x3 -> + t-bias -> norm -> SiLU -> conv3x3, plus a (1x1 when widths differ) skip."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:  # (N, c_in, h, w), (N, t_dim) -> (N, c_out, h, w)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class UNetPatch(PatchEncoderBase):
+    def __init__(self, channels: int, image_size: int, patch_size: int, dim: int, width: int = 64,
+                 blocks: int = 1, t_freq_dim: int = 256):
+        super().__init__()
+        levels = int(math.log2(patch_size))
+        if 2**levels != patch_size:
+            raise ValueError(f"the U-Net patch encoder needs a power-of-two patch_size, got {patch_size}")
+        self.channels, self.size, self.k, self.t_freq_dim = channels, image_size, patch_size, t_freq_dim
+        self.grid = image_size // patch_size
+        widths = [width * 2**i for i in range(levels + 1)]  # level 0 (full resolution) .. levels (patch grid)
+        t_dim = 4 * width
+        self.t_mlp = nn.Sequential(nn.Linear(t_freq_dim, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.conv_in = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            nn.ModuleList(ResBlock(widths[i], widths[i], t_dim) for _ in range(blocks)) for i in range(levels))
+        self.downs = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)
+                                   for i in range(levels))
+        self.to_dim = nn.Conv2d(widths[-1], dim, 1)
+        self.from_dim = nn.Conv2d(dim, widths[-1], 1)
+        self.ups = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 3, padding=1) for i in range(levels))
+        self.up_blocks = nn.ModuleList(
+            nn.ModuleList(ResBlock(2 * widths[i] if j == 0 else widths[i], widths[i], t_dim) for j in range(blocks))
+            for i in range(levels))
+        self.norm_out = _norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], channels, 3, padding=1)
+
+    def _images(self, x: Tensor) -> Tensor:  # (P, D) -> (N, C, H, W)
+        n = self.grid * self.grid
+        if x.shape[0] % n:
+            raise ValueError(f"{x.shape[0]} patches are not whole images of {n} patches each")
+        return unpatchify(x.reshape(-1, n, x.shape[-1]), self.k, self.channels, self.size, self.size)
+
+    def encode(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, tuple[Tensor, list[Tensor]]]:
+        n = self.grid * self.grid
+        temb = self.t_mlp(timestep_embedding(t[::n], self.t_freq_dim).to(x_t.dtype))  # (N, t_dim)
+        h = self.conv_in(self._images(x_t))  # (N, w0, H, W)
+        skips = []
+        for blocks, down in zip(self.down_blocks, self.downs):
+            for block in blocks:
+                h = block(h, temb)
+            skips.append(h)
+            h = down(h)  # (N, w_{i+1}, H/2^(i+1), W/2^(i+1))
+        h = self.to_dim(h)  # (N, dim, g, g)
+        return h.flatten(2).transpose(1, 2).reshape(-1, h.shape[1]), (temb, skips)  # (P, dim) reading order
+
+    def decode(self, h: Tensor, ctx: tuple[Tensor, list[Tensor]]) -> Tensor:
+        temb, skips = ctx
+        g = self.grid
+        x = h.reshape(-1, g, g, h.shape[-1]).permute(0, 3, 1, 2)  # (N, dim, g, g)
+        x = self.from_dim(x)
+        for i in reversed(range(len(self.ups))):
+            x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, w_i, 2h, 2w)
+            x = torch.cat([x, skips[i].to(x.dtype)], dim=1)
+            for block in self.up_blocks[i]:
+                x = block(x, temb)
+        x = self.conv_out(F.silu(self.norm_out(x)))  # (N, C, H, W)
+        return patchify(x, self.k).reshape(-1, self.channels * self.k * self.k)  # (P, D)
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))  # PyTorch's default, kept explicit for meta
+                bound = 1 / math.sqrt(m.weight[0].numel())
+                nn.init.uniform_(m.bias, -bound, bound)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.to_dim.weight, std=std)  # the transformer sees inputs at its embedding scale
+        nn.init.zeros_(self.to_dim.bias)
+        for blocks in (*self.down_blocks, *self.up_blocks):
+            for block in blocks:  # residual branches start at identity
+                nn.init.zeros_(block.conv2.weight)
+                nn.init.zeros_(block.conv2.bias)
+        # zero output: an untrained model predicts eps = 0, as LinearPatch does
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+
 def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
     if cfg.patch_encoder == PatchEncoder.LINEAR:
         return LinearPatch(cfg.patch_dim, cfg.dim, patches_per_image=cfg.patches_per_image if cfg.patch_pos_emb else 0)
-    raise NotImplementedError(
-        f"model.patch_encoder={cfg.patch_encoder.value!r} is not implemented yet; use 'linear'"
-    )
+    return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
+                     blocks=cfg.unet_blocks)

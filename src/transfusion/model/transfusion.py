@@ -11,7 +11,7 @@ the objective in transfusion.losses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,10 +24,11 @@ from transfusion.model.patch import build_patch_encoder
 from transfusion.model.transformer import Block, RMSNorm, RotaryEmbedding, residual_out_std
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A NamedTuple, hence a pytree: FSDP2 finds the output tensors to hook the root's pre-backward unshard on."""
+
     logits: Tensor  # (n_sel, V) at logits_mask positions, or (B, L, V) when no mask was given
-    eps: Tensor  # (P, D) noise prediction at the image positions, in reading order
+    eps: Tensor  # (P, D) diffusion output at the image positions, reading order: eps (or v, diffusion.prediction)
 
 
 class Transfusion(nn.Module):
@@ -77,7 +78,8 @@ class Transfusion(nn.Module):
         is_img = image_ids >= 0  # (B, L)
         h = self.tok_emb(tokens.masked_fill(is_img, 0))  # (B, L, dim); patch slots overwritten below
         # The encoder runs even when P == 0 so every rank calls every module each step (FSDP needs SPMD).
-        patch_h = self.patch.encode(x_t, t).to(h.dtype)  # (P, dim)
+        patch_h, patch_ctx = self.patch.encode(x_t, t)  # (P, dim), encoder state for decode
+        patch_h = patch_h.to(h.dtype)
         h = h.masked_scatter(is_img.unsqueeze(-1), patch_h)
         mask = self._mask(image_ids, doc_ids, cache)
         rope = self.rope(positions)
@@ -87,7 +89,7 @@ class Transfusion(nn.Module):
             cache.commit(tokens.shape[1])
         h = self.norm(h)
         text_h = h if logits_mask is None else h[logits_mask]  # (B, L, dim) or (n_sel, dim)
-        eps = self.patch.decode(h[is_img])  # (P, D)
+        eps = self.patch.decode(h[is_img], patch_ctx)  # (P, D)
         return ModelOutput(logits=self.lm_head(text_h), eps=eps)
 
     def _mask(self, image_ids: Tensor, doc_ids: Tensor, cache: KVCache | None):

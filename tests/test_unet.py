@@ -1,0 +1,114 @@
+"""U-Net patch encoder/decoder (model/patch.py): shapes, per-image independence, the SPMD empty case, training."""
+
+import pytest
+import torch
+
+from core_helpers import micro_model, random_batch
+from transfusion.config import ModelConfig
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.losses import transfusion_loss
+from transfusion.model.patch import patchify
+from transfusion.model.transfusion import Transfusion
+from transfusion.model.patch import UNetPatch
+
+
+def _unet(size=28, k=4, channels=3, width=8, blocks=1, seed=0) -> UNetPatch:
+    torch.manual_seed(seed)
+    enc = UNetPatch(channels, size, k, dim=32, width=width, blocks=blocks)
+    enc.init_weights(0.02)
+    with torch.no_grad():  # residual branches and the output start at zero; randomise them for the tests
+        for m in enc.modules():
+            if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+                torch.nn.init.normal_(m.weight, std=0.1)
+    return enc
+
+
+@pytest.mark.parametrize("size,k,levels", [(28, 4, 2), (8, 2, 1), (8, 1, 0)])
+def test_shapes_and_levels(size, k, levels):
+    enc = _unet(size, k)
+    n = (size // k) ** 2
+    x, t = torch.randn(3 * n, 3 * k * k), torch.arange(3).repeat_interleave(n) * 300
+    h, ctx = enc.encode(x, t)
+    assert h.shape == (3 * n, 32) and len(enc.downs) == levels and len(ctx[1]) == levels
+    assert enc.decode(torch.randn_like(h), ctx).shape == x.shape
+
+
+def test_images_are_encoded_and_decoded_independently():
+    """Two images in one call == each alone: no mixing across images (the transformer's mask decides that)."""
+    enc = _unet().eval()
+    n = 49
+    x, t = torch.randn(2 * n, 48), torch.tensor([100] * n + [900] * n)
+    h_both, ctx_both = enc.encode(x, t)
+    hidden = torch.randn(2 * n, 32)
+    eps_both = enc.decode(hidden, ctx_both)
+    for i in range(2):
+        sl = slice(i * n, (i + 1) * n)
+        h_one, ctx_one = enc.encode(x[sl], t[sl])
+        assert torch.allclose(h_one, h_both[sl], atol=1e-5)
+        assert torch.allclose(enc.decode(hidden[sl], ctx_one), eps_both[sl], atol=1e-5)
+
+
+def test_encoding_follows_reading_order_and_is_local():
+    """A change in the top-left pixel moves the top-left patches' encodings most, the bottom-right one only
+    through the layer norms' image-wide statistics."""
+    enc = _unet().eval()
+    img = torch.randn(1, 3, 28, 28)
+    bumped = img.clone()
+    bumped[0, :, 0, 0] += 5.0
+    t = torch.full((49,), 300)
+    h0, _ = enc.encode(patchify(img, 4)[0], t)
+    h1, _ = enc.encode(patchify(bumped, 4)[0], t)
+    change = (h1 - h0).norm(dim=-1)  # (49,) reading order
+    assert int(change.argmax()) in (0, 1, 7, 8)  # the 2x2 patches around the pixel (convs cross borders)
+    assert float(change[-1]) < 0.1 * float(change.max())
+
+
+def test_timestep_changes_the_encoding():
+    enc = _unet().eval()
+    x = torch.randn(49, 48)
+    a, _ = enc.encode(x, torch.full((49,), 10))
+    b, _ = enc.encode(x, torch.full((49,), 900))
+    assert not torch.allclose(a, b)
+
+
+def test_partial_images_and_odd_patch_sizes_are_errors():
+    enc = _unet()
+    with pytest.raises(ValueError, match="whole images"):
+        enc.encode(torch.randn(50, 48), torch.zeros(50, dtype=torch.long))
+    with pytest.raises(ValueError, match="power-of-two"):
+        UNetPatch(3, 24, 3, dim=32)
+
+
+def test_untrained_unet_model_predicts_zero_eps_and_text_only_batches_backprop():
+    torch.manual_seed(0)
+    model = Transfusion(ModelConfig.from_name("micro", patch_encoder="unet", unet_width=8))
+    model.init_weights()
+    b = random_batch(model.cfg, B=2, L=48, seed=3)
+    with torch.no_grad():
+        eps = model(b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, torch.full((b.patches.shape[0],), 9)).eps
+    assert eps.abs().max() == 0
+    text = random_batch(model.cfg, B=2, L=32, seed=0, max_images=0)
+    transfusion_loss(model, text, NoiseSchedule()).loss.backward()
+    assert all(p.grad is not None for p in model.patch.parameters())  # every rank calls every module (FSDP)
+
+
+def test_unet_model_overfits_a_fixed_mixed_batch():
+    model = micro_model(seed=0, patch_encoder="unet", unet_width=8).train()
+    b = random_batch(model.cfg, B=2, L=48, seed=7, max_docs=1)
+    assert b.num_images >= 1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        out = transfusion_loss(model, b, NoiseSchedule(), generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.diffusion_loss))
+    assert losses[-1] < losses[0] / 10, losses
+
+
+def test_patch_pos_emb_with_unet_is_a_config_error():
+    from transfusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match="patch_pos_emb"):
+        ModelConfig.from_name("micro", patch_encoder="unet", patch_pos_emb=True)
