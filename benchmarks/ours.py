@@ -181,11 +181,12 @@ def cmd_sample(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     calls = count_calls(model)
 
     def sample(steps: int, sampler: str) -> torch.Tensor:
-        return generate_images(model, tok, ["caption"], schedule, steps=steps, cfg_scale=w.cfg_scale,
-                               sampler=sampler, generator=torch.Generator().manual_seed(0), progress=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            return generate_images(model, tok, ["caption"], schedule, steps=steps, cfg_scale=w.cfg_scale,
+                                   sampler=sampler, generator=torch.Generator().manual_seed(0), progress=False)
 
     sample(2, "ddim")  # warm-up
-    out: dict[str, Any] = dict(side="ours", bench="sample")
+    out: dict[str, Any] = dict(side="ours", bench="sample", dtype=args.dtype)
     for steps in args.steps_list:
         sampler = "ddim" if steps == w.sample_evals else "ddpm"
         iters = args.iters if steps == w.sample_evals else 1
@@ -266,16 +267,22 @@ def cmd_mask(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
         rows, n_img = (w.batch, 1) if length < 1000 else (1, max(1, (length - 300) // (w.patches + 62)))
         caption = min(w.caption_tokens, max(1, (length - 3 - n_img * (w.patches + 2)) // (2 * n_img)))
         batch = make_batch(w, rows, length, n_img, caption)
-        res: dict[str, float] = {}
-        for name, mask in (("transfusion", AttentionMask.TRANSFUSION), ("causal_dense", AttentionMask.CAUSAL),
-                           ("causal_kernel", AttentionMask.CAUSAL)):
-            model = build_model(w, attention_mask=mask).train()
-            undo = _causal_kernel_sdpa() if name == "causal_kernel" else (lambda: None)
-            try:
-                res[name] = median(time_calls(make_step(model, batch, bf16=False, optimizer=False),
-                                              args.warmup, args.iters))
-            finally:
-                undo()
+        variants = {"transfusion": AttentionMask.TRANSFUSION, "causal_dense": AttentionMask.CAUSAL,
+                    "causal_kernel": AttentionMask.CAUSAL}
+        steps = {name: make_step(build_model(w, attention_mask=m).train(), batch, bf16=False, optimizer=False)
+                 for name, m in variants.items()}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for i in range(args.warmup + args.iters):  # interleaved, order rotated: drift hits all three alike
+            for name in names[i % 3:] + names[: i % 3]:
+                undo = _causal_kernel_sdpa() if name == "causal_kernel" else (lambda: None)
+                try:
+                    t = time_calls(steps[name], 0, 1)[0]
+                finally:
+                    undo()
+                if i >= args.warmup:
+                    times[name].append(t)
+        res = {name: median(ts) for name, ts in times.items()}
         out[f"L_{length}"] = dict(rows=rows, images_per_row=n_img, step_s=res,
                                   overhead_vs_causal_kernel=res["transfusion"] / res["causal_kernel"] - 1,
                                   overhead_vs_causal_dense=res["transfusion"] / res["causal_dense"] - 1)

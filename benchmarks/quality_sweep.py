@@ -25,7 +25,7 @@ from transfusion.checkpoint import load_for_inference, tokenizer_path_for
 from transfusion.evaluate.alignment import score_alignment
 from transfusion.evaluate.classifier import get_classifier
 from transfusion.evaluate.reference import eval_prompts
-from transfusion.evaluate.report import _generate
+from transfusion.evaluate.report import generate_for_prompts
 from transfusion.metrics import read_metrics, save_image_grid
 from transfusion.tokenizer import Tokenizer
 from transfusion.train import train
@@ -42,11 +42,30 @@ def score(run: Path, use_ema: bool, n: int, device: str, clf, grid: Path | None)
     model, cfg, ckpt = load_for_inference(run, use_ema=use_ema, device=device)
     tok = Tokenizer.load(tokenizer_path_for(ckpt, cfg))
     items, colours = eval_prompts(n, seed=0, heldout_share=0.25)
-    images = _generate(model, tok, cfg, items, colours, cfg.eval.sample_steps, cfg.eval.cfg_scale,
+    images = generate_for_prompts(model, tok, cfg, items, colours, cfg.eval.sample_steps, cfg.eval.cfg_scale,
                        cfg.eval.sampler.value, seed=0, batch=max(16, n), progress=False).cpu()
     if grid is not None:
         save_image_grid(images[:64], grid, nrow=8, scale=2)
     return score_alignment(images, items, colours, clf).summary()
+
+
+def run_variant(config: str, name: str, overrides: list[str], out: Path, steps: int | None, n: int,
+                device: str, clf) -> dict:
+    """Train one variant into out/name, then score its samples (raw weights, and the EMA when there is one)."""
+    extra = [f"train.device={device}", "train.sample_every=0"] + ([f"train.steps={steps}"] if steps else [])
+    cfg = config_mod.load(config, overrides + extra)
+    t0 = time.time()
+    train(cfg, out / name, progress=False)
+    train_s = time.time() - t0
+    last = read_metrics(out / name / "metrics.jsonl")[-1]
+    dev = "cuda" if torch.cuda.is_available() and device in ("auto", "cuda") else "cpu"
+    return dict(
+        name=name, overrides=overrides, steps=cfg.train.steps, train_s=round(train_s, 1),
+        params=sum(p.numel() for p in load_for_inference(out / name)[0].parameters()),
+        diffusion_loss=last.get("diffusion_loss"), lm_loss=last.get("lm_loss"),
+        ema=score(out / name, True, n, dev, clf, out / f"{name}_grid.png") if cfg.train.ema else None,
+        raw=score(out / name, False, n, dev, clf, out / f"{name}_raw_grid.png"),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,20 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for spec in args.variant:
         name, overrides = parse_variant(spec)
-        extra = [f"train.device={args.device}", "train.sample_every=0"]
-        extra += [f"train.steps={args.steps}"] if args.steps else []
-        cfg = config_mod.load(args.config, overrides + extra)
-        t0 = time.time()
-        train(cfg, out / name, progress=False)
-        train_s = time.time() - t0
-        last = read_metrics(out / name / "metrics.jsonl")[-1]
-        device = "cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu"
-        rec = dict(name=name, overrides=overrides, steps=cfg.train.steps, train_s=round(train_s, 1),
-                   params=None, diffusion_loss=last.get("diffusion_loss"), lm_loss=last.get("lm_loss"),
-                   ema=score(out / name, True, args.n, device, clf, out / f"{name}_grid.png") if cfg.train.ema
-                   else None,
-                   raw=score(out / name, False, args.n, device, clf, out / f"{name}_raw_grid.png"))
-        rec["params"] = sum(p.numel() for p in load_for_inference(out / name)[0].parameters())
+        rec = run_variant(args.config, name, overrides, out, args.steps, args.n, args.device, clf)
         results.append(rec)
         print(json.dumps(rec), flush=True)
         (out / "sweep.json").write_text(json.dumps(results, indent=1))

@@ -117,14 +117,17 @@ def train_rounds(run: Runner, rounds: int, steps: int, with_peer: bool) -> dict[
 
 
 def sample_rounds(run: Runner, rounds: int, evals: int, with_peer: bool) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
+    """ours fp32, the peer (fp32) and ours with bf16 autocast, alternating; the target uses fp32 vs fp32."""
+    out: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": [], "ours_bf16": []}
     for r in range(rounds):
-        for name in (["ours", "peer"] if r % 2 == 0 else ["peer", "ours"]):
-            if name == "peer" and with_peer:
-                out["peer"].append(run(PEER_PYTHON, "peer.py", "sample"))
-            elif name == "ours":
-                out["ours"].append(run(sys.executable, "ours.py", "sample", "--steps-list", str(evals),
-                                       "--iters", "2"))
+        for name in (["ours", "peer", "ours_bf16"] if r % 2 == 0 else ["ours_bf16", "peer", "ours"]):
+            if name == "peer":
+                if with_peer:
+                    out["peer"].append(run(PEER_PYTHON, "peer.py", "sample"))
+            else:
+                dtype = "bf16" if name == "ours_bf16" else "fp32"
+                out[name].append(run(sys.executable, "ours.py", "sample", "--steps-list", str(evals),
+                                     "--iters", "2", "--dtype", dtype))
     return out
 
 
@@ -165,11 +168,15 @@ def summarize_train(tr: dict[str, list[dict[str, Any]]], flops: dict[str, Any], 
 def summarize_sample(sr: dict[str, list[dict[str, Any]]], evals: int) -> dict[str, Any]:
     key = f"steps_{evals}"
     ours = [r[key]["sample_s_median"] for r in sr["ours"] if key in r]
+    ours_bf16 = [r[key]["sample_s_median"] for r in sr.get("ours_bf16", []) if key in r]
     peer = _vals(sr["peer"], "sample_s_median")
     per_round = [p / o for o, p in zip(ours, peer)]
     return dict(
-        sample_s={"ours": median(ours) if ours else None, "peer": median(peer) if peer else None},
+        sample_s={"ours": median(ours) if ours else None, "peer": median(peer) if peer else None,
+                  "ours_bf16": median(ours_bf16) if ours_bf16 else None},
         sample_speedup_vs_peer=_ratio(median(peer) if peer else None, median(ours) if ours else None),
+        sample_speedup_vs_peer_bf16=_ratio(median(peer) if peer else None,
+                                           median(ours_bf16) if ours_bf16 else None),
         sample_speedup_per_round=per_round,
         sample_network_calls={"ours": next((r[key]["model_calls"] for r in sr["ours"] if key in r), None),
                               "ours_rows_per_call": 2,
@@ -216,7 +223,7 @@ def run_full(run: Runner, args: argparse.Namespace, with_peer: bool) -> dict[str
     raw["sample"] = sample_rounds(run, args.sample_rounds, w.sample_evals, with_peer)
     raw["sample_250"] = run(sys.executable, "ours.py", "sample", "--steps-list", "250")
     raw["kv"] = run(sys.executable, "ours.py", "kv", "--prefixes", "68,512", "--iters", "10", "--warmup", "2")
-    raw["mask"] = run(sys.executable, "ours.py", "mask", "--lengths", "300,2048", "--iters", "3")
+    raw["mask"] = run(sys.executable, "ours.py", "mask", "--lengths", "300,2048", "--iters", "6")
     return raw
 
 
@@ -283,7 +290,9 @@ def markdown_table(res: dict[str, Any]) -> str:
         ("Sampling, caption -> image, s (ours / peer)",
          f"{_fmt(res['sample_s']['ours'])} / {_fmt(res['sample_s']['peer'])}",
          _fmt(t["sample_speedup_vs_peer"]["value"], unit="x"), ">= 4x", t["sample_speedup_vs_peer"]["met"],
-         ", ".join(_fmt(x) for x in res.get("sample_speedup_per_round", []))),
+         ", ".join(_fmt(x) for x in res.get("sample_speedup_per_round", []))
+         + f"; ours bf16 {_fmt(res['sample_s'].get('ours_bf16'))} s = "
+         f"{_fmt(res.get('sample_speedup_vs_peer_bf16'), unit='x')}"),
         ("KV cache, diffusion step cached vs recomputed, 512 prefix", "", _fmt(res.get("kv_cache_speedup_512"), unit="x"),
          ">= 3x", t["kv_cache_speedup_512"]["met"], f"68 prefix: {_fmt(res.get('kv_cache_speedup_68'), unit='x')}"),
         ("Mask overhead, Transfusion vs causal kernel, L = 300", "", _fmt(res.get("mask_overhead_300"), "+.1%"),

@@ -193,3 +193,14 @@ def test_patch_position_embedding_is_2d_and_position_aware():
         model.patch.pos.zero_()
         without = model(*_args(b)).eps
     assert not torch.allclose(with_pos, without)
+
+
+def test_model_output_is_a_pytree_of_tensors():
+    """FSDP2 hooks the root's pre-backward re-gather on the output tensors it finds by flattening the output; a
+    plain dataclass hid them and backward failed on CUDA ("data is not allocated yet")."""
+    from torch.utils._pytree import tree_flatten
+
+    model = micro_model()
+    b = random_batch(model.cfg, B=1, L=32, seed=0)
+    leaves, _ = tree_flatten(model(*_args(b)))
+    assert len(leaves) == 2 and all(isinstance(x, torch.Tensor) for x in leaves)

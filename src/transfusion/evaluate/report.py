@@ -54,8 +54,9 @@ def _check_model(cfg) -> None:
         )
 
 
-def _generate(model, tok, cfg, items: Tensor, colours: Tensor, steps: int, cfg_scale: float, sampler: str,
-              seed: int, batch: int = 16, progress: bool = True) -> Tensor:
+def generate_for_prompts(model, tok, cfg, items: Tensor, colours: Tensor, steps: int, cfg_scale: float,
+                         sampler: str, seed: int, batch: int = 16, progress: bool = True) -> Tensor:
+    """Images (N, 3, H, W) in [-1, 1] for the colour-fashion prompts (items[i], colours[i]), `batch` at a time."""
     from tqdm.auto import tqdm
 
     from transfusion.diffusion.schedule import NoiseSchedule
@@ -178,8 +179,8 @@ def evaluate(
         "classifier_test_accuracy": clf.test_accuracy, "skipped_metrics": {},
     }
     items, colours = eval_prompts(spec.n_samples, seed=seed, heldout_share=spec.heldout_share)
-    images = _timed(timings, "generate", _generate, model, tok, cfg, items, colours, steps, cfg_scale, sampler,
-                    seed, progress=progress)
+    images = _timed(timings, "generate", generate_for_prompts, model, tok, cfg, items, colours, steps, cfg_scale,
+                    sampler, seed, progress=progress)
     _image_metrics(report, timings, images, items, colours, clf, spec, seed, progress)
     _text_metrics(report, timings, model, tok, cfg, spec, seed, progress)
     out = Path(out)
