@@ -101,10 +101,12 @@ def matmul_peaks(threads: int, quick: bool) -> dict[str, float]:
     return {"fp32": matmul_peak_gflops(torch.float32, n, secs), "bf16": matmul_peak_gflops(torch.bfloat16, n, secs)}
 
 
-def train_rounds(run: Runner, rounds: int, steps: int, with_peer: bool) -> dict[str, list[dict[str, Any]]]:
-    """ours fp32, ours bf16 and the peer in alternating order; each a fresh process."""
+def train_rounds(run: Runner, rounds: int, steps: int, with_peer: bool,
+                 warmup: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """ours fp32, ours bf16 and the peer in alternating order; each a fresh process. `warmup` untimed steps first
+    on both sides: a fresh process's first 2-3 steps run ~25% slower (allocator and page warm-up)."""
     out: dict[str, list[dict[str, Any]]] = {"ours_fp32": [], "ours_bf16": [], "peer": []}
-    s = ["--steps", str(steps)]
+    s = ["--steps", str(steps), "--warmup", str(warmup)]
     for r in range(rounds):
         order = ["ours_fp32", "peer", "ours_bf16"] if r % 2 == 0 else ["ours_bf16", "peer", "ours_fp32"]
         for name in order:
@@ -123,11 +125,11 @@ def sample_rounds(run: Runner, rounds: int, evals: int, with_peer: bool) -> dict
         for name in (["ours", "peer", "ours_bf16"] if r % 2 == 0 else ["ours_bf16", "peer", "ours"]):
             if name == "peer":
                 if with_peer:
-                    out["peer"].append(run(PEER_PYTHON, "peer.py", "sample"))
+                    out["peer"].append(run(PEER_PYTHON, "peer.py", "sample", "--iters", "2"))
             else:
                 dtype = "bf16" if name == "ours_bf16" else "fp32"
                 out[name].append(run(sys.executable, "ours.py", "sample", "--steps-list", str(evals),
-                                     "--iters", "2", "--dtype", dtype))
+                                     "--iters", "3", "--dtype", dtype))
     return out
 
 
@@ -319,7 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     p.add_argument("--rounds", type=int, default=3, help="training rounds (ours fp32, peer, ours bf16)")
     p.add_argument("--sample-rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per process")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per process (after 3 warm-up)")
     p.add_argument("--timeout", type=float, default=600.0, help="per subprocess, seconds")
     p.add_argument("--table", type=Path, default=None, help="print the markdown table of a results JSON and exit")
     p.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to N s for load < 0.5 before starting")
