@@ -28,7 +28,8 @@ data:
 demo: venv data
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m transfusion.demo --config configs/tiny.toml --out runs/demo
 
-test: venv
+# `data` first so the tests that need the full Fashion-MNIST (evaluation suite) run instead of skipping
+test: venv data
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q
 
 test-slow: venv

@@ -11,8 +11,8 @@ if ! have_full && command -v apt-get >/dev/null 2>&1; then
   fi
   if [ "$SUDO" != no ]; then
     echo "data: installing dataset-fashion-mnist with apt-get ..."
-    $SUDO apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || true
+    timeout 300 $SUDO apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive timeout 300 $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || true
   else
     echo "data: not root and no password-less sudo; cannot apt-get install dataset-fashion-mnist"
   fi
