@@ -2,8 +2,9 @@
 
 - L_LM: next-token cross-entropy over text targets only (batch.lm_targets; none on patches, none when the
   input is BOI, fn. 8), averaged over target tokens.
-- L_DDPM: eps-prediction MSE (eq. 3; v-prediction with diffusion.prediction = "v"), averaged over each image's patch values first, then over images, so a
-  large image counts as one example like a small one.
+- L_DDPM: eps-prediction MSE (eq. 3; the MSE to v with diffusion.prediction = "v", see schedule.target),
+  averaged over each image's patch values first, then over images, so a large image counts as one example like
+  a small one.
 
 Each image gets its own timestep (uniform in [0, image_max_t], the §4.3.4 noise limit for image-first
 examples); noise and timesteps are drawn from an explicit generator so training is reproducible and resumable.
