@@ -43,10 +43,17 @@ def score(run: Path, use_ema: bool, n: int, device: str, clf, grid: Path | None)
     tok = Tokenizer.load(tokenizer_path_for(ckpt, cfg))
     items, colours = eval_prompts(n, seed=0, heldout_share=0.25)
     images = generate_for_prompts(model, tok, cfg, items, colours, cfg.eval.sample_steps, cfg.eval.cfg_scale,
-                       cfg.eval.sampler.value, seed=0, batch=max(16, n), progress=False).cpu()
+                                  cfg.eval.sampler.value, seed=0, batch=max(16, n), progress=False).cpu()
     if grid is not None:
         save_image_grid(images[:64], grid, nrow=8, scale=2)
     return score_alignment(images, items, colours, clf).summary()
+
+
+def _num_params(cfg: config_mod.Config) -> int:
+    from transfusion.model.transfusion import Transfusion
+
+    with torch.device("meta"):  # counted without allocating or reading the checkpoint again
+        return Transfusion(cfg.model).num_params()
 
 
 def run_variant(config: str, name: str, overrides: list[str], out: Path, steps: int | None, n: int,
@@ -61,7 +68,7 @@ def run_variant(config: str, name: str, overrides: list[str], out: Path, steps: 
     dev = "cuda" if torch.cuda.is_available() and device in ("auto", "cuda") else "cpu"
     return dict(
         name=name, overrides=overrides, steps=cfg.train.steps, train_s=round(train_s, 1),
-        params=sum(p.numel() for p in load_for_inference(out / name)[0].parameters()),
+        params=_num_params(cfg),
         diffusion_loss=last.get("diffusion_loss"), lm_loss=last.get("lm_loss"),
         ema=score(out / name, True, n, dev, clf, out / f"{name}_grid.png") if cfg.train.ema else None,
         raw=score(out / name, False, n, dev, clf, out / f"{name}_raw_grid.png"),
