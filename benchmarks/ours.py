@@ -29,6 +29,7 @@ from transfusion.batch import MixedBatch, make_lm_targets  # noqa: E402
 from transfusion.config import AttentionMask, ModelConfig  # noqa: E402
 from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
 from transfusion.losses import transfusion_loss  # noqa: E402
+from transfusion.model.onednn import onednn_linears  # noqa: E402
 from transfusion.model.transfusion import Transfusion  # noqa: E402
 
 PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4
@@ -92,17 +93,20 @@ def train_batch(w: Workload) -> MixedBatch:
     return make_batch(w, w.batch, w.row_tokens, 1, w.caption_tokens)
 
 
-def make_step(model: Transfusion, batch: MixedBatch, bf16: bool, optimizer: bool = True) -> Callable[[], None]:
-    """Forward + backward (+ AdamW), fp32 or bf16 autocast; no clipping (the peer's step has none)."""
+def make_step(model: Transfusion, batch: MixedBatch, bf16: bool, optimizer: bool = True,
+              onednn: bool = True) -> Callable[[], None]:
+    """Forward + backward (+ AdamW), fp32 or bf16 autocast; no clipping (the peer's step has none).
+
+    As in `transfusion train`, fp32 Linears run through oneDNN (model/onednn.py) unless `onednn=False`."""
     schedule = NoiseSchedule(1000)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1) if optimizer else None
 
     def step() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-        with ctx:
+        with onednn_linears(model, pack=False, enabled=None if onednn else False), ctx:
             loss = transfusion_loss(model, batch, schedule, generator=gen).loss
-        loss.backward()
+            loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -125,7 +129,7 @@ def cmd_flops(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(w).train()
-    step = make_step(model, train_batch(w), bf16=False)
+    step = make_step(model, train_batch(w), bf16=False, onednn=False)  # the counter cannot see oneDNN's op
     step()
     # The counter has no formula for CPU's fused SDPA op: count each call as dense attention (QK^T and AV,
     # 4*B*H*Lq*Lk*hd forward, twice that backward), the convention of PaLM's MFU; mask sparsity not subtracted.

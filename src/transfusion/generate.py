@@ -11,7 +11,8 @@ image (t = 0), EOI is appended and LM mode resumes.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import functools
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -19,10 +20,26 @@ from tqdm.auto import tqdm
 
 from transfusion.diffusion.samplers import DiffusionSampler, cfg_combine
 from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.model.onednn import packed_linears
 from transfusion.model.patch import patchify, unpatchify
 from transfusion.model.transfusion import Transfusion
 
 Segment = list[int] | Tensor  # token ids, or a clean image (C, H, W)
+
+
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def fast_cpu_inference(fn: _Fn) -> _Fn:
+    """Run `fn(model, ...)` with the model's Linears on oneDNN-packed weights (a CPU fp32 fast path, off
+    elsewhere; model/onednn.py). The weights are packed once per call and the model is unchanged afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with packed_linears(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class TokenizerLike(Protocol):
@@ -167,6 +184,7 @@ def _images_from_patches(model: Transfusion, x: Tensor) -> Tensor:
     return unpatchify(x, c.patch_size, c.image_channels, c.image_size, c.image_size)  # (N, C, H, W)
 
 
+@fast_cpu_inference
 def generate_images(
     model: Transfusion, tokenizer: TokenizerLike, prompts: list[str], schedule: NoiseSchedule,
     steps: int = 250, cfg_scale: float = 3.0, sampler: str = "ddpm", generator: torch.Generator | None = None,
@@ -206,6 +224,7 @@ def _lm_loop(dec: Decoder, logits: Tensor, tk: TokenizerLike, max_new_tokens: in
     return out
 
 
+@fast_cpu_inference
 @torch.no_grad()
 def caption_images(model: Transfusion, tokenizer: TokenizerLike, images: Tensor, max_new_tokens: int = 32,
                    temperature: float = 0.0) -> list[str]:
@@ -219,6 +238,7 @@ def caption_images(model: Transfusion, tokenizer: TokenizerLike, images: Tensor,
     return [tk.decode([i for i in r if i != tk.eos_id]).strip() for r in ids]
 
 
+@fast_cpu_inference
 @torch.no_grad()
 def generate(
     model: Transfusion, tokenizer: TokenizerLike, prompt: str, schedule: NoiseSchedule,

@@ -36,6 +36,7 @@ from transfusion.config import Config, ConfigError
 from transfusion.distributed import DistInfo, StepResult
 from transfusion.ema import EMA
 from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
+from transfusion.model.onednn import onednn_linears
 from transfusion.optim import build_optimizer, lr_at, set_lr
 
 
@@ -303,8 +304,10 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
             lr = lr_at(state.step, tc)
             set_lr(run.optimizer, lr)
             batch = next(batches).to(info.device)
-            stats = dist_mod.train_step(run.model, run.optimizer, split_rows(batch, tc.grad_accum), run.schedule,
-                                        cfg, state.step, info.rank * rows, info)
+            # CPU fp32: Linears through oneDNN (model/onednn.py; off under compile, FSDP, CUDA, bf16 autocast)
+            with onednn_linears(run.model, pack=False, enabled=False if tc.compile else None):
+                stats = dist_mod.train_step(run.model, run.optimizer, split_rows(batch, tc.grad_accum),
+                                            run.schedule, cfg, state.step, info.rank * rows, info)
             state.step += 1
             state.tokens_seen += stats.tokens
             tok_window += stats.tokens

@@ -1,0 +1,137 @@
+"""The oneDNN packed-Linear fast path (model/onednn.py) against plain F.linear, and the decoders built on it."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core_helpers import ByteTokenizer, micro_model, random_batch
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.generate import caption_images, generate_images
+from transfusion.model import onednn
+from transfusion.model.onednn import onednn_linears, packed_linears
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
+TK = ByteTokenizer()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    if b.numel() == 0:
+        return a.shape == b.shape
+    return bool((a - b).abs().max() <= rel * b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 7, 48), (392, 48), (3, 0, 48)])
+def test_packed_linear_equals_f_linear(bias, shape):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(shape)
+    ref = F.linear(x, lin.weight, lin.bias)
+    with torch.no_grad(), packed_linears(lin) as on:
+        assert on and "forward" in lin.__dict__
+        out = lin(x)
+    assert out.shape == ref.shape == (*shape[:-1], 80)
+    assert _close(out, ref)
+    assert "forward" not in lin.__dict__  # restored on exit
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_equal_f_linear(pack, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(3, 70, 48, requires_grad=True)
+    g = torch.randn(3, 70, 80)
+    ref = torch.autograd.grad(F.linear(x, lin.weight, lin.bias), [x, *lin.parameters()], g)
+    with onednn_linears(lin, pack=pack) as on:
+        assert on
+        out = torch.autograd.grad(lin(x), [x, *lin.parameters()], g)
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and _close(a, b)
+    with onednn_linears(lin, pack=pack):  # frozen weights, input needs grad
+        lin.requires_grad_(False)
+        (dx,) = torch.autograd.grad(lin(x), [x], g)
+        lin.requires_grad_(True)
+    assert _close(dx, ref[0])
+
+
+def test_fallbacks_keep_autocast_and_fresh_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    with packed_linears(lin):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lin(x).dtype == torch.bfloat16  # autocast still applies
+        with torch.no_grad():
+            lin.weight.mul_(2.0)  # changed after packing: the stale packed copy must not be used
+            assert _close(lin(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_disabled_nested_and_ineligible_models_leave_forward_alone(monkeypatch):
+    lin = nn.Linear(8, 8)
+    with packed_linears(lin) as outer:
+        with packed_linears(lin) as inner:
+            assert outer and inner
+        assert "forward" in lin.__dict__  # the inner block must not unpack the outer one's weights
+    assert "forward" not in lin.__dict__
+    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
+    with packed_linears(lin) as on:
+        assert not on and "forward" not in lin.__dict__
+    monkeypatch.delenv(onednn.ENV_SWITCH)
+    with packed_linears(nn.Linear(8, 8).to(torch.bfloat16)) as on:
+        assert not on
+
+
+def test_model_forward_uncached_and_cached_match_plain():
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=48, seed=1, max_images=0)  # text only, so any split point is valid
+    t = torch.zeros(0, dtype=torch.long)
+    args = (b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, t)
+    b2 = random_batch(model.cfg, B=2, L=48, seed=2)
+    args2 = (b2.tokens, b2.image_ids, b2.doc_ids, b2.positions, b2.patches, torch.full((b2.patches.shape[0],), 500))
+    with torch.no_grad():
+        ref, ref2 = model(*args), model(*args2)
+        with packed_linears(model):
+            fast, fast2 = model(*args), model(*args2)
+            cache = model.new_cache(2, 48)
+            head = model(*(a[:, :30] for a in args[:4]), b.patches, t, cache=cache).logits
+            tail = model(*(a[:, 30:] for a in args[:4]), b.patches, t, cache=cache).logits
+    assert _close(fast.logits, ref.logits, 1e-4) and _close(fast2.eps, ref2.eps, 1e-4)
+    assert _close(fast2.logits, ref2.logits, 1e-4)
+    assert _close(torch.cat([head, tail], 1), ref.logits, 1e-4)
+
+
+def test_generation_and_captioning_match_the_plain_path(monkeypatch):
+    model, sched = micro_model(vocab_size=TK.vocab_size), NoiseSchedule()
+    kw = dict(steps=6, cfg_scale=3.0, sampler="ddim", progress=False, clip_x0=None)
+    fast = generate_images(model, TK, ["a red dress"], sched, generator=torch.Generator().manual_seed(0), **kw)
+    imgs = torch.rand(2, 3, 8, 8) * 2 - 1
+    fast_caps = caption_images(model, TK, imgs, max_new_tokens=6)
+    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
+    ref = generate_images(model, TK, ["a red dress"], sched, generator=torch.Generator().manual_seed(0), **kw)
+    assert _close(fast, ref, 1e-4)
+    assert caption_images(model, TK, imgs, max_new_tokens=6) == fast_caps
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_training_step_gradients_match_plain():
+    from transfusion.losses import transfusion_loss
+
+    model = micro_model().train()
+    b = random_batch(model.cfg, B=2, L=48, seed=3)
+    sched = NoiseSchedule()
+
+    def grads(fast: bool):
+        model.zero_grad(set_to_none=True)
+        with onednn_linears(model, pack=False, enabled=fast) as on:
+            assert on == fast
+            out = transfusion_loss(model, b, sched, generator=torch.Generator().manual_seed(0))
+            out.loss.backward()
+        return float(out.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss_ref, ref), (loss_fast, fast) = grads(False), grads(True)
+    assert abs(loss_fast - loss_ref) <= 1e-5 * abs(loss_ref)
+    assert ref.keys() == fast.keys() and len(ref) > 10
+    for n in ref:
+        assert _close(fast[n], ref[n], 1e-4), n
