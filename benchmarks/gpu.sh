@@ -5,7 +5,9 @@
 #
 # 1. FlexAttention BlockMask == dense-mask SDPA on CUDA (same mask rule, model/masks.py), fp32 and bf16.
 # 2. Training steps (forward + backward + AdamW) of the paper's 0.16B config at sequence length 4096, bf16
-#    autocast + FlexAttention: eager (flex compiled, as the model does) and torch.compile(model).
+#    autocast + FlexAttention: eager (flex compiled, as the model does), torch.compile(model), and per-block
+#    compile (`train.compile`); the compiled modes again at more rows per step (GPU_BENCH_ROWS_LIST, default
+#    4,8); the top CUDA kernels of one mode (GPU_BENCH_PROFILE, default compiled_model) go into "profile".
 # 3. tokens/s and MFU = model FLOPs per step / step time / the card's measured bf16 matmul rate. FLOPs: every op
 #    but attention counted by FlopCounterMode on an SDPA twin, attention over the mask's allowed pairs only.
 #    Goal: >= 45% MFU.
@@ -15,6 +17,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT/src:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export GPU_BENCH_STEPS="${GPU_BENCH_STEPS:-6}" GPU_BENCH_BATCH="${GPU_BENCH_BATCH:-4}"
+export GPU_BENCH_MODES="${GPU_BENCH_MODES:-eager_flex,compiled_model,compiled_blocks}"
+export GPU_BENCH_ROWS_LIST="${GPU_BENCH_ROWS_LIST:-4,8}" GPU_BENCH_PROFILE="${GPU_BENCH_PROFILE:-compiled_model}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >&2 || true
 
 "$PYTHON" - <<'PYEOF'
@@ -33,6 +37,9 @@ assert torch.cuda.is_available(), "gpu.sh needs a CUDA device"
 dev = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = True
 STEPS, ROWS, SEQ = int(os.environ["GPU_BENCH_STEPS"]), int(os.environ["GPU_BENCH_BATCH"]), 4096
+MODES = os.environ["GPU_BENCH_MODES"].split(",")
+ROWS_LIST = [int(r) for r in os.environ["GPU_BENCH_ROWS_LIST"].split(",")]
+PROFILE = os.environ.get("GPU_BENCH_PROFILE", "")  # a result key, e.g. compiled_model: its top CUDA kernels
 result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, seq_len=SEQ, rows=ROWS)
 
 
@@ -105,6 +112,24 @@ def train_steps(model, b, steps):
     return sorted(times)[len(times) // 2], step
 
 
+def profile_top(step, n=20):
+    """The `n` kernels with the most GPU time over 2 steps: where the non-matmul time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    events = list(prof.key_averages())
+
+    def dev_time(e):  # microseconds; the attribute was renamed in torch 2.4
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    total = sum(dev_time(e) for e in events) or 1
+    top = sorted(events, key=dev_time, reverse=True)[:n]
+    return [dict(name=e.key[:160], ms_per_step=dev_time(e) / 2e3, share=dev_time(e) / total) for e in top]
+
+
 def model_flops(cfg, b):
     """FLOPs of one fwd+bwd step: every op but attention counted by FlopCounterMode on an SDPA twin, plus
     attention over the pairs the Transfusion mask allows (QK^T and PV: 4 * pairs * dim per layer forward, x3
@@ -136,20 +161,31 @@ b = batch_for(cfg, ROWS, SEQ, n_img, 60)
 flops, result["flops_detail"] = model_flops(cfg, b)
 result["flops_per_step"] = flops
 peak = result["matmul_peak_tflops"]["bf16"] * 1e12
-for mode in ("eager_flex", "compiled_model"):
-    torch.manual_seed(0)
-    model = Transfusion(cfg).to(dev).train()
-    if mode == "compiled_model":
-        model = torch.compile(model)
-    try:
-        step_s, _ = train_steps(model, b, STEPS)
-        result[mode] = dict(step_s=step_s, tokens_per_s=ROWS * SEQ / step_s, mfu=flops / step_s / peak,
-                            max_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
-    except Exception as e:  # report and carry on: one mode failing must not lose the other's numbers
-        result[mode] = dict(error=f"{type(e).__name__}: {e}"[:2000])
-    del model
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+for rows in ROWS_LIST:  # every row has the same layout, so FLOPs scale with the rows
+    b = batch_for(cfg, rows, SEQ, n_img, 60)
+    for mode in MODES:
+        if rows != ROWS and mode == "eager_flex":
+            continue
+        key = mode if rows == ROWS else f"{mode}_rows{rows}"
+        torch.manual_seed(0)
+        model = Transfusion(cfg).to(dev).train()
+        if mode == "compiled_model":
+            model = torch.compile(model)
+        elif mode == "compiled_blocks":  # what `train.compile = true` does
+            for block in model.layers:
+                block.compile()
+        try:
+            step_s, step = train_steps(model, b, STEPS)
+            result[key] = dict(rows=rows, step_s=step_s, tokens_per_s=rows * SEQ / step_s,
+                               mfu=flops * rows / ROWS / step_s / peak,
+                               max_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+            if PROFILE and key == PROFILE:
+                result["profile"] = dict(mode=key, top_kernels=profile_top(step))
+        except Exception as e:  # report and carry on: one mode failing must not lose the others' numbers
+            result[key] = dict(error=f"{type(e).__name__}: {e}"[:2000])
+        del model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 result["params"] = Transfusion(ModelConfig.from_name("0.16B", max_seq_len=SEQ)).num_params()
 text = json.dumps(result, indent=1)
 print(text)

@@ -135,3 +135,31 @@ def test_training_step_gradients_match_plain():
     assert ref.keys() == fast.keys() and len(ref) > 10
     for n in ref:
         assert _close(fast[n], ref[n], 1e-4), n
+
+
+def test_fused_block_path_runs_and_falls_back_on_changed_weights():
+    from torch.profiler import profile
+
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=40, seed=4)
+    args = (b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, torch.full((b.patches.shape[0],), 300))
+    def silu_calls(prof) -> int:
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::silu")
+
+    with torch.no_grad():
+        with profile() as plain:
+            ref = model(*args)
+        with packed_linears(model):
+            assert all("forward" in blk.__dict__ for blk in model.layers)
+            with profile() as prof:
+                fast = model(*args)
+            # the fused forward ran: no SwiGLU activation left as a separate op in any block
+            assert silu_calls(plain) - silu_calls(prof) == model.cfg.n_layers
+            assert _close(fast.eps, ref.eps, 1e-4) and _close(fast.logits, ref.logits, 1e-4)
+            model.layers[0].ffn.w2.weight.mul_(1.5)  # stale packed copy: the block must use the new weight
+            changed = model(*args)
+        model.layers[0].ffn.w2.weight.div_(1.5)
+        model.layers[0].ffn.w2.weight.mul_(1.5)
+        ref_changed = model(*args)
+    assert not _close(changed.eps, ref.eps, 1e-3)
+    assert _close(changed.eps, ref_changed.eps, 1e-4) and _close(changed.logits, ref_changed.logits, 1e-4)

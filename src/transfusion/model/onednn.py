@@ -7,10 +7,12 @@ is faster at the shapes a Transfusion model uses (measured in benchmarks/results
   one-off reorder (~30 ms for the 14M-parameter benchmark model) pays for itself within a step;
 - training, plain layout (the weights change every step): forward and input-gradient matmuls ~15% faster at
   2,400 rows; the weight gradient stays on MKL, which is faster there.
+With packed weights each transformer Block also runs an inference forward with oneDNN post-ops (SwiGLU
+activation/product and the residual additions fused into the matmuls).
 
 `onednn_linears(model, pack=...)` is a context manager: inside it each Linear's forward goes through oneDNN,
 outside it the model is exactly as before (no parameter changes, nothing saved). Each call falls back to
-`F.linear` whenever the fast path would not be the same computation: autocast on, a non-fp32 input, an empty
+`F.linear` (a Block to its own forward) whenever the fast path would not be the same computation: autocast on, a non-fp32 input, an empty
 input, a non-CPU tensor; a packed weight is used only while the weight is unchanged since packing (its
 version counter) and autograd is off. Equivalence (outputs and gradients) is tested in tests/test_onednn.py.
 """
@@ -25,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from transfusion.model.transformer import Block
 
 ENV_SWITCH = "TRANSFUSION_ONEDNN"  # set to 0 to turn the fast path off everywhere (e.g. to compare against it)
 
@@ -74,11 +78,50 @@ def _forward(linear: nn.Linear, packed: Tensor | None) -> Callable[[Tensor], Ten
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
             y = _Linear.apply(x2, w, b)
-        elif packed is not None and w._version == version:
+        elif packed is not None and w._version == version and _fast_ok(x):
             y = _matmul(x2, packed, b)
         else:
             y = _matmul(x2, w.detach(), None if b is None else b.detach())
         return y.view(*x.shape[:-1], linear.out_features)
+
+    return forward
+
+
+def _fast_ok(x: Tensor) -> bool:
+    """The packed inference path computes exactly what F.linear would for this input."""
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.numel() > 0)
+
+
+def _block_forward(block: Block, rows_hint: int) -> Callable[..., Tensor]:
+    """Inference forward of a transformer Block with oneDNN post-ops fused into the matmuls:
+
+        h = x + heads(norm(x)) Wo^T                    ("add" post-op: no separate residual pass)
+        n = norm(h)
+        y = h + ((n W3^T) * silu(n W1^T)) W2^T         ("swish", "mul", "add" post-ops; W1, W3 = halves of w13)
+
+    Same math as Block.forward (which it falls back to whenever the packed path does not apply); it saves the
+    SwiGLU's split, activation and product passes and both residual additions (~3% of a diffusion step)."""
+    ffn, attn = block.ffn, block.attn
+    hidden = ffn.w2.in_features
+    w13 = ffn.w13.weight.detach()
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    wo, w1 = pack(attn.wo.weight.detach(), rows_hint), pack(w13[:hidden].contiguous(), rows_hint)
+    w3, w2 = pack(w13[hidden:].contiguous(), rows_hint), pack(ffn.w2.weight.detach(), rows_hint)
+    weights = (attn.wo.weight, ffn.w13.weight, ffn.w2.weight)
+    versions = [w._version for w in weights]
+    plain = block.forward  # the class's forward, bound (the instance attribute is set after this)
+    binary = torch.ops.mkldnn._linear_pointwise.binary
+
+    def forward(x: Tensor, rope: tuple[Tensor, Tensor], mask, cache=None) -> Tensor:
+        if not _fast_ok(x) or [w._version for w in weights] != versions or not _eligible(ffn.w13.weight):
+            return plain(x, rope, mask, cache)
+        B, L, D = x.shape
+        x2 = x.reshape(B * L, D)
+        h = binary(attn.heads(block.attn_norm(x), rope, mask, cache).reshape(B * L, D), x2, wo, None, "add")
+        n = block.ffn_norm(h)  # (B*L, D)
+        act = torch.ops.mkldnn._linear_pointwise(n, w1, None, "swish", [], "")  # (B*L, hidden)
+        return binary(binary(n, act, w3, None, "mul"), h, w2, None, "add").view(B, L, D)
 
     return forward
 
@@ -101,14 +144,20 @@ def onednn_linears(model: nn.Module, pack: bool = True, rows_hint: int = 512,
     if not (enabled and available() and linears and all(_eligible(m.weight) for m in linears)):
         yield False
         return
+    blocks = [b for b in model.modules() if isinstance(b, Block)] if pack else []
+    in_fused = {id(m) for b in blocks for m in (b.attn.wo, b.ffn.w13, b.ffn.w2)}  # packed by _block_forward
     with torch.no_grad():
         for m in linears:
-            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint) if pack else None
+            packed = None
+            if pack and id(m) not in in_fused:
+                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint)
             m.forward = _forward(m, packed)  # an instance attribute shadows nn.Linear.forward
+        for b in blocks:
+            b.forward = _block_forward(b, rows_hint)
     try:
         yield True
     finally:
-        for m in linears:
+        for m in [*linears, *blocks]:
             del m.forward
 
 

@@ -87,6 +87,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask, cache: KVCache | None = None) -> Tensor:
+        return self.wo(self.heads(x, rope, mask, cache))  # (B, L, D)
+
+    def heads(self, x: Tensor, rope: tuple[Tensor, Tensor], mask, cache: KVCache | None = None) -> Tensor:
+        """Everything but the output projection: (B, L, D) -> the heads' outputs side by side (B, L, D)."""
         B, L, D = x.shape
         qkv = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, L, hd)
@@ -97,7 +101,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = _flex_attention(q, k, v, mask)
-        return self.wo(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+        return out.transpose(1, 2).reshape(B, L, D)
 
 
 class FeedForward(nn.Module):
