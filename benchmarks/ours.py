@@ -95,12 +95,13 @@ def train_batch(w: Workload) -> MixedBatch:
 
 def make_step(model: Transfusion, batch: MixedBatch, bf16: bool, optimizer: bool = True,
               onednn: bool = True) -> Callable[[], None]:
-    """Forward + backward (+ AdamW), fp32 or bf16 autocast; no clipping (the peer's step has none).
+    """Forward + backward (+ fused AdamW), fp32 or bf16 autocast; no clipping (the peer's step has none).
 
     As in `transfusion train`, fp32 Linears run through oneDNN (model/onednn.py) unless `onednn=False`."""
     schedule = NoiseSchedule(1000)
     gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1) if optimizer else None
+    opt = (torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+           if optimizer else None)  # fused, as transfusion.optim builds it
 
     def step() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()

@@ -63,7 +63,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     w = workload(args.quick)
     torch.manual_seed(0)
     model = build_peer(w).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused AdamW on both sides (ours: transfusion.optim), so the optimiser implementation is not what differs
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     batch = make_batch(w, torch.Generator().manual_seed(0))
 
     def step() -> None:
