@@ -65,3 +65,21 @@ def test_quick_bench_with_peer(tmp_path: Path) -> None:
     assert res["train_tokens_per_s"]["peer"] > 0
     assert res["train_speedup_vs_peer"]["fp32"] > 0
     assert res["sample_network_calls"]["peer"] > 0
+
+
+def test_onednn_ab_quick(tmp_path):
+    """benchmarks/onednn_ab.py (the fast path against plain PyTorch) runs and reports every comparison."""
+    from transfusion.model import onednn
+
+    if not onednn.available():
+        pytest.skip("this torch build has no oneDNN linear")
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onednn_ab.py"), "--quick", "--threads", "1",
+                           "--rounds", "2", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["matmul"]) == {"rows_1", "rows_32", "rows_392"}
+    assert all(v["speedup"] > 0 for v in res["matmul"].values())
+    assert set(res["sample"]["seconds"]) == {"off", "packed_linears", "fused_blocks"}
+    assert set(res["train"]["seconds"]) == {"off", "on"} and res["train"]["speedup"] > 0

@@ -74,3 +74,34 @@ def test_flex_model_forward_equals_sdpa_model():
         o1, o2 = sdpa(*args), flex(*args)
     assert (o1.logits - o2.logits).abs().max() < 1e-5
     assert (o1.eps - o2.eps).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype,grad", [(torch.float32, False), (torch.bfloat16, True), (torch.float32, True)])
+@pytest.mark.parametrize("q_start", [0, 30])
+def test_dense_attention_fast_path_equals_sdpa(dtype, grad, q_start, monkeypatch):
+    """The explicit CPU attention (bf16, or fp32 without autograd) against SDPA on the Transfusion mask, full and
+    KV-cached (queries a suffix of the keys): outputs and gradients."""
+    from transfusion.model import transformer
+
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=80, seed=5)
+    mask = dense_mask(b.image_ids, b.doc_ids, q_start=q_start)  # (B, 1, 80 - q_start, 80)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (80 - q_start, 80, 80))
+    gout = torch.randn(2, 4, 80 - q_start, 16, generator=g)
+
+    def run(fn):
+        xs = [t.to(dtype).requires_grad_(grad) for t in (q, k, v)]
+        with torch.set_grad_enabled(grad):
+            out = fn(*xs, mask)
+            grads = torch.autograd.grad(out, xs, gout.to(dtype)) if grad else ()
+        return [t.float() for t in (out, *grads)]
+
+    ref = run(lambda q_, k_, v_, m: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m))
+    fast = run(transformer.dense_attention)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, r in zip(fast, ref):
+        assert torch.isfinite(a).all() and (a - r).abs().max() <= tol * r.abs().max()
+    monkeypatch.setattr(transformer, "MATH_ATTENTION_MAX_SCORES", 0)  # too large to hold: SDPA itself
+    for a, r in zip(run(transformer.dense_attention), ref):
+        assert torch.equal(a, r)
