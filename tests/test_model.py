@@ -204,3 +204,27 @@ def test_model_output_is_a_pytree_of_tensors():
     b = random_batch(model.cfg, B=1, L=32, seed=0)
     leaves, _ = tree_flatten(model(*_args(b)))
     assert len(leaves) == 2 and all(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def test_rope_rotates_pairs_and_scores_depend_on_relative_position():
+    """apply_rope against the textbook pair rotation, and q·k invariant to shifting both positions."""
+    from transfusion.model.transformer import RotaryEmbedding, apply_rope
+
+    hd = 8
+    rope = RotaryEmbedding(hd, 64, 10000.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 5, hd, generator=g, dtype=torch.float64)
+    pos = torch.tensor([[0, 3, 7, 20, 63]])
+    out = apply_rope(x, *(c.double() for c in rope(pos)))
+    theta = pos[0, :, None].double() * 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (5, 4)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    ref = torch.cat([x1 * theta.cos() - x2 * theta.sin(), x2 * theta.cos() + x1 * theta.sin()], dim=-1)
+    assert (out - ref).abs().max() < 1e-6  # the tables are stored in fp32
+    q, k = torch.randn(2, 1, 1, 1, hd, generator=g).unbind(0)
+
+    def score(pq: int, pk: int) -> float:
+        cq, sq = rope(torch.tensor([[pq]]))
+        ck, sk = rope(torch.tensor([[pk]]))
+        return float((apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum())
+
+    assert abs(score(10, 4) - score(40, 34)) < 1e-4 and abs(score(10, 4) - score(10, 5)) > 1e-3

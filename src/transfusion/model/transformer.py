@@ -38,13 +38,14 @@ MATH_ATTENTION_MAX_SCORES = 1 << 26  # B*H*L*S; above it the explicit score matr
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention with a dense bool mask: q (B, H, L, hd), k/v (B, H, S, hd), mask (B, 1, L, S) -> (B, H, L, hd).
 
-    On CPU in bf16, and in fp32 without autograd, an explicit matmul-softmax-matmul beats the fused flash kernel
-    (bf16 forward + backward at 8 × 303 tokens: 20 vs 37 ms per layer; an fp32 CFG diffusion step: 1.17 vs
-    1.34 ms), because its two matmuls run at GEMM speed. Elsewhere, and for score matrices too large to hold,
-    SDPA. Every query sees at least itself under the Transfusion mask, so no row of the softmax is all -inf.
+    On CPU in bf16 an explicit matmul-softmax-matmul beats the fused flash kernel (forward + backward at
+    8 × 303 tokens: 20 vs 37 ms per layer, same error against fp32), because its two matmuls run at bf16 GEMM
+    speed. In fp32 the two are even (a 30-step CFG sample: 2.64 vs 2.58 s), so fp32 keeps SDPA, as do GPUs and
+    score matrices too large to hold. Every query sees at least itself under the Transfusion mask, so no row of
+    the softmax is all -inf.
     """
     B, H, L, _ = q.shape
-    if (q.device.type == "cpu" and (q.dtype == torch.bfloat16 or not torch.is_grad_enabled())
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16
             and B * H * L * k.shape[2] <= MATH_ATTENTION_MAX_SCORES):
         scores = torch.matmul(q, k.transpose(-1, -2) * q.shape[-1] ** -0.5)  # (B, H, L, S)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -66,13 +67,17 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE tables for positions [0, max_len); rotates half-split pairs (x[:d/2], x[d/2:])."""
+    """RoPE tables for positions [0, max_len), rotating half-split pairs (x[i], x[i + hd/2]).
+
+    Stored full width so the rotation is two fused passes (apply_rope): cos = [cos θ, cos θ] and the signed
+    sin = [-sin θ, sin θ], with θ = position · theta^(-2i/hd).
+    """
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
-        self.register_buffer("cos", torch.empty(max_len, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -81,11 +86,11 @@ class RotaryEmbedding(nn.Module):
             return
         inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         angles = torch.outer(torch.arange(self.max_len, dtype=torch.float64), inv)  # (max_len, hd/2)
-        self.cos.copy_(angles.cos().float())
-        self.sin.copy_(angles.sin().float())
+        self.cos.copy_(torch.cat([angles.cos(), angles.cos()], dim=-1).float())
+        self.sin.copy_(torch.cat([-angles.sin(), angles.sin()], dim=-1).float())
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L) positions -> cos, sin of shape (B, 1, L, hd/2) for broadcasting over heads."""
+        """(B, L) positions -> cos, signed sin of shape (B, 1, L, hd) for broadcasting over heads."""
         # checked on CPU only: on GPU the .max() would sync every step (an out-of-range index asserts there anyway)
         if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} >= model.max_seq_len {self.max_len}")
@@ -93,10 +98,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, L, hd); cos/sin (B, 1, L, hd/2)."""
+    """x (B, H, L, hd); cos/sin (B, 1, L, hd) from RotaryEmbedding. Rotates each pair (x1, x2) = (x[i], x[i+hd/2]):
+    (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + [x2, x1] * [-sin, sin]."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.addcmul(x * cos.to(x.dtype), torch.cat([x2, x1], dim=-1), sin.to(x.dtype))
 
 
 class Attention(nn.Module):
