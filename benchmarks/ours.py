@@ -31,6 +31,7 @@ from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
 from transfusion.losses import transfusion_loss  # noqa: E402
 from transfusion.model.onednn import onednn_linears  # noqa: E402
 from transfusion.model.transfusion import Transfusion  # noqa: E402
+from transfusion.runtime import tune_malloc  # noqa: E402
 
 PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4
 FIRST_TEXT_ID = 5
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", type=_ints, default=None, help="mask lengths, e.g. 300,2048")
     args = p.parse_args(argv)
     set_threads(args.threads)
+    tune_malloc()  # as every transfusion entry point does (transfusion.runtime)
     w = workload(args.quick)
     args.steps_list = args.steps_list or ([w.sample_evals] if args.quick else [w.sample_evals, 250])
     args.prefixes = args.prefixes or ([w.prefix_tokens, 24] if args.quick else [68, 512])

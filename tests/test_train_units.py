@@ -150,3 +150,17 @@ def test_image_grid(tmp_path) -> None:
     save_image_grid(images, tmp_path / "g.png", nrow=3)
     assert (tmp_path / "g.png").is_file() and not list(tmp_path.glob("*.tmp.png"))
     assert math.isfinite(float(images.sum()))
+
+
+def test_tune_malloc_applies_on_glibc_and_can_be_switched_off():
+    """Process-global, so it runs in a fresh interpreter: mallopt must accept both settings here (glibc)."""
+    import subprocess
+    import sys
+
+    code = "from transfusion.runtime import tune_malloc; print(tune_malloc())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "TRANSFUSION_MALLOC": "0"}).stdout.strip()
+    assert off == "False"
+    if sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc":
+        assert on == "True"

@@ -50,7 +50,7 @@ def _load(ckpt: str, no_ema: bool) -> tuple[Any, config_mod.Config, Any]:
     from transfusion.checkpoint import load_for_inference, tokenizer_path_for
     from transfusion.tokenizer import Tokenizer
 
-    from transfusion.train import setup_cpu_runtime
+    from transfusion.runtime import setup_cpu_runtime
 
     model, cfg, path = load_for_inference(ckpt, use_ema=not no_ema)
     setup_cpu_runtime(cfg.train.threads)

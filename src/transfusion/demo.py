@@ -110,7 +110,8 @@ def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path)
 def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     from transfusion.checkpoint import find_latest, load_for_inference, tokenizer_path_for
     from transfusion.tokenizer import Tokenizer
-    from transfusion.train import setup_cpu_runtime, train
+    from transfusion.runtime import setup_cpu_runtime
+    from transfusion.train import train
 
     t0 = time.perf_counter()
     cfg = config_mod.load(config_path, overrides)

@@ -38,6 +38,7 @@ from transfusion.ema import EMA
 from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
 from transfusion.model.onednn import onednn_linears
 from transfusion.optim import build_optimizer, lr_at, set_lr
+from transfusion.runtime import setup_cpu_runtime
 
 
 class StopAtStepBoundary:
@@ -83,13 +84,6 @@ class TrainState:
 def build_model(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
     """A plain single-process model (for inference and tests): distributed.build_model without a mesh."""
     return dist_mod.build_model(cfg, DistInfo(device=torch.device(device)), None)
-
-
-def setup_cpu_runtime(threads: int) -> None:
-    """Intra-op threads (0 -> torch's default). On a busy machine, OpenMP's spin-waiting makes 2 threads far
-    slower than 1 (12 s vs 2 s per tiny step measured on a shared 2-core box); OMP_WAIT_POLICY=PASSIVE helps."""
-    if threads > 0:
-        torch.set_num_threads(threads)
 
 
 def _check_config(cfg: Config, world_size: int) -> None:

@@ -274,6 +274,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of `transfusion eval`; prints the markdown summary, returns the exit code."""
+    from transfusion.runtime import tune_malloc
+
+    tune_malloc()
     if args.images:
         report = score_folder(args.images, args.out, with_fid=not args.no_fid)
     else:
