@@ -30,6 +30,7 @@ from ours import BenchTokenizer, build_model, make_step, train_batch  # noqa: E4
 from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
 from transfusion.generate import generate_images  # noqa: E402
 from transfusion.model import onednn  # noqa: E402
+from transfusion.runtime import tune_malloc  # noqa: E402
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, reps: int = 1) -> dict[str, float]:
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if not onednn.available():
         raise SystemExit("this torch build has no oneDNN linear; nothing to compare")
     set_threads(args.threads)
+    tune_malloc()  # as the entry points do
     w = QUICK if args.quick else C1
     rows = [1, 32, 392] if args.quick else [1, 2, 32, 80, 392, 2424]
     result = dict(threads=torch.get_num_threads(), torch=torch.__version__, quick=args.quick,
