@@ -12,9 +12,10 @@ activation/product and the residual additions fused into the matmuls).
 
 `onednn_linears(model, pack=...)` is a context manager: inside it each Linear's forward goes through oneDNN,
 outside it the model is exactly as before (no parameter changes, nothing saved). Each call falls back to
-`F.linear` (a Block to its own forward) whenever the fast path would not be the same computation: autocast on, a non-fp32 input, an empty
-input, a non-CPU tensor; a packed weight is used only while the weight is unchanged since packing (its
-version counter) and autograd is off. Equivalence (outputs and gradients) is tested in tests/test_onednn.py.
+`F.linear` (a Block to its own forward) whenever the fast path would not be the same computation: autocast on,
+a non-fp32 input, an empty input, a non-CPU tensor; a packed weight is used only while the weight is unchanged
+since packing (its version counter) and no gradient is needed. Equivalence (outputs and gradients) is tested in
+tests/test_onednn.py.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _forward(linear: nn.Linear, packed: Tensor | None) -> Callable[[Tensor], Ten
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
             y = _Linear.apply(x2, w, b)
-        elif packed is not None and w._version == version and _fast_ok(x):
+        elif packed is not None and w._version == version:
             y = _matmul(x2, packed, b)
         else:
             y = _matmul(x2, w.detach(), None if b is None else b.detach())
