@@ -76,11 +76,12 @@ def test_flex_model_forward_equals_sdpa_model():
     assert (o1.eps - o2.eps).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("dtype,grad", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)])
+@pytest.mark.parametrize("dtype,grad", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True),
+                                        (torch.float32, True)])
 @pytest.mark.parametrize("q_start", [0, 30])
 def test_dense_attention_fast_path_equals_sdpa(dtype, grad, q_start, monkeypatch):
-    """The explicit CPU attention (bf16) against SDPA on the Transfusion mask, full and KV-cached (queries a
-    suffix of the keys): outputs and gradients; fp32 must be SDPA itself."""
+    """The explicit CPU attention (bf16; fp32 without autograd) against SDPA on the Transfusion mask, full and
+    KV-cached (queries a suffix of the keys): outputs and gradients; fp32 training must be SDPA itself."""
     from transfusion.model import transformer
 
     model = micro_model()
