@@ -76,6 +76,7 @@ def ab_sample(w, rounds: int) -> dict[str, Any]:
             pass
 
         def call() -> Any:
+            before = os.environ.get(onednn.ENV_SWITCH)
             os.environ[onednn.ENV_SWITCH] = "0" if mode == "off" else "1"
             onednn.Block = real_block if mode == "fused_blocks" else _NoBlock  # type: ignore[misc]
             try:
@@ -84,7 +85,10 @@ def ab_sample(w, rounds: int) -> dict[str, Any]:
                                        generator=torch.Generator().manual_seed(0), progress=False)
             finally:
                 onednn.Block = real_block  # type: ignore[misc]
-                os.environ.pop(onednn.ENV_SWITCH, None)
+                if before is None:
+                    os.environ.pop(onednn.ENV_SWITCH, None)
+                else:
+                    os.environ[onednn.ENV_SWITCH] = before
 
         return call
 

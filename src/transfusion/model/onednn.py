@@ -73,8 +73,7 @@ def _forward(linear: nn.Linear, packed: Tensor | None) -> Callable[[Tensor], Ten
 
     def forward(x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         w, b = linear.weight, linear.bias
-        if (torch.is_autocast_enabled("cpu") or x.dtype != torch.float32 or x.device.type != "cpu"
-                or x.numel() == 0 or not _eligible(w)):
+        if not (_onednn_ok(x) and _eligible(w)):
             return F.linear(x, w, b)
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
@@ -88,10 +87,15 @@ def _forward(linear: nn.Linear, packed: Tensor | None) -> Callable[[Tensor], Ten
     return forward
 
 
+def _onednn_ok(x: Tensor) -> bool:
+    """oneDNN computes exactly what F.linear would for this input: fp32 on CPU, not empty, no autocast."""
+    return (not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() > 0)
+
+
 def _fast_ok(x: Tensor) -> bool:
-    """The packed inference path computes exactly what F.linear would for this input."""
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32
-            and x.device.type == "cpu" and x.numel() > 0)
+    """The packed inference path applies: oneDNN does, and no gradient is being recorded."""
+    return _onednn_ok(x) and not torch.is_grad_enabled()
 
 
 def _block_forward(block: Block, rows_hint: int) -> Callable[..., Tensor]:
