@@ -234,20 +234,28 @@ def _call(model: Transfusion, b: MixedBatch, t: int, **kw: Any) -> Any:
     return model(b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, tt, logits_mask=no_logits, **kw)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as the decoder runs (inference-mode parameters would have no version counter to check)
 def cmd_kv(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
-    """Per-step cost of one diffusion step (one row, n patches) with the prefix cached vs recomputed."""
+    """Per-step cost of one diffusion step (one row, n patches) with the prefix cached vs recomputed.
+
+    Headline: both under packed oneDNN weights, as the decoder (generate.py) runs them; `unpacked`: both on
+    plain F.linear (MKL), the path a model outside the decoder takes."""
     model = build_model(w).eval()
     out: dict[str, Any] = dict(side="ours", bench="kv")
     for prefix in args.prefixes:
         pre, img = _prefix_and_image(w, prefix)
-        cache = model.new_cache(1, prefix + w.patches)
-        _call(model, pre, 0, cache=cache, commit=True)
         full = _cat(pre, img)
-        cached = time_calls(lambda: _call(model, img, 500, cache=cache, commit=False), args.warmup, args.iters)
-        recomputed = time_calls(lambda: _call(model, full, 500), args.warmup, args.iters)
-        out[f"prefix_{prefix}"] = dict(cached_s=median(cached), recompute_s=median(recomputed),
-                                       speedup=median(recomputed) / median(cached))
+        res = {}
+        for mode in ("packed", "unpacked"):
+            with onednn_linears(model, pack=True, enabled=mode == "packed"):
+                cache = model.new_cache(1, prefix + w.patches)
+                _call(model, pre, 0, cache=cache, commit=True)
+                cached = time_calls(lambda: _call(model, img, 500, cache=cache, commit=False), args.warmup,
+                                    args.iters)
+                recomputed = time_calls(lambda: _call(model, full, 500), args.warmup, args.iters)
+            res[mode] = dict(cached_s=median(cached), recompute_s=median(recomputed),
+                             speedup=median(recomputed) / median(cached))
+        out[f"prefix_{prefix}"] = {**res["packed"], "unpacked": res["unpacked"]}
     return out
 
 

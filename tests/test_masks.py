@@ -106,3 +106,22 @@ def test_dense_attention_fast_path_equals_sdpa(dtype, grad, q_start, monkeypatch
     monkeypatch.setattr(transformer, "MATH_ATTENTION_MAX_SCORES", 0)  # too large to hold: SDPA itself
     for a, r in zip(run(transformer.dense_attention), ref):
         assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("L,S,math", [(80, 80, True), (1, 300, False), (196, 708, False)])
+def test_fp32_attention_dispatch_by_size(L, S, math):
+    """fp32 without autograd takes the explicit path only for short contexts (L > 1, L * S <= 2^16); one-token
+    decoding and long contexts are SDPA itself, bit for bit. Either way the output matches SDPA."""
+    from transfusion.model import transformer
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, L, 16, generator=g)
+    k, v = torch.randn(1, 2, S, 16, generator=g), torch.randn(1, 2, S, 16, generator=g)
+    mask = torch.rand(1, 1, L, S, generator=g) > 0.3
+    mask[..., 0] = True
+    with torch.no_grad():
+        assert transformer._math_attention_wins(q, S) is math
+        out = transformer.dense_attention(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(out, ref) or math

@@ -33,21 +33,34 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
 
 
 MATH_ATTENTION_MAX_SCORES = 1 << 24  # B*H*L*S; above it the explicit scores (and bias) cost too much memory
+MATH_ATTENTION_FP32_MAX_LS = 1 << 16  # L*S; fp32 above it (or L = 1): the flash kernel is faster
+
+
+def _math_attention_wins(q: Tensor, S: int) -> bool:
+    """Whether the explicit matmul-softmax-matmul beats SDPA's flash kernel for these (CPU) shapes.
+
+    Measured on 2 cores (interleaved): bf16 forward + backward at 8 × 303 tokens 19 vs 37 ms per layer (flash
+    in bf16 is slow there). fp32 without autograd: ahead at short contexts (2 × 68 prefill 0.22 vs 0.28 ms;
+    a 30-step CFG sample with a 68-token prompt, L × S = 196 × 264, even to 3% ahead), behind beyond that
+    (196 × 708 and 708 × 708: flash 0.6–0.95× the time) and for one-token decoding (0.7×)."""
+    B, H, L, _ = q.shape
+    if q.device.type != "cpu" or B * H * L * S > MATH_ATTENTION_MAX_SCORES:
+        return False
+    if q.dtype == torch.bfloat16:
+        return True
+    return not torch.is_grad_enabled() and L > 1 and L * S <= MATH_ATTENTION_FP32_MAX_LS
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention with a dense bool mask: q (B, H, L, hd), k/v (B, H, S, hd), mask (B, 1, L, S) -> (B, H, L, hd).
 
-    On CPU in bf16, and in fp32 without autograd, an explicit baddbmm (the mask as an additive bias, fused into
-    the score matmul) - softmax - bmm beats the fused flash kernel, because its matmuls run at GEMM speed: bf16
-    forward + backward at 8 × 303 tokens 19 vs 37 ms per layer (same error against fp32); a 30-step fp32 CFG
-    sample 2.52 vs 2.59 s. fp32 training (flash is faster there), GPUs, and score matrices too large to hold
-    use SDPA. Every query sees at least itself under the Transfusion mask, so no softmax row is all -inf.
+    SDPA, except on CPU where `_math_attention_wins`: there an explicit baddbmm (the mask as an additive bias,
+    fused into the score matmul) - softmax - bmm, whose matmuls run at GEMM speed. Every query sees at least
+    itself under the Transfusion mask, so no softmax row is all -inf.
     """
     B, H, L, hd = q.shape
     S = k.shape[2]
-    if (q.device.type == "cpu" and (q.dtype == torch.bfloat16 or not torch.is_grad_enabled())
-            and B * H * L * S <= MATH_ATTENTION_MAX_SCORES):
+    if _math_attention_wins(q, S):
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         scores = torch.baddbmm(bias.expand(B, H, L, S).reshape(B * H, L, S), q.reshape(B * H, L, hd),
                                k.reshape(B * H, S, hd).transpose(1, 2), alpha=hd**-0.5)  # (B*H, L, S)
