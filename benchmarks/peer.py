@@ -1,7 +1,7 @@
 """The peer's side of the benchmarks: PyPI transfusion-pytorch 0.20.0 (lucidrains), run in `.venv-peer`.
 
     .venv-peer/bin/python benchmarks/peer.py train  [--quick] [--threads N] [--steps S] [--flops]
-    .venv-peer/bin/python benchmarks/peer.py sample [--quick] [--threads N] [--iters I]
+    .venv-peer/bin/python benchmarks/peer.py sample [--quick] [--threads N] [--iters I] [--dtype fp32|bf16]
 
 Each call is one fresh process (so its peak RSS is its own) and prints one JSON line last.
 
@@ -112,9 +112,10 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
 
     def sample(modality_steps: int) -> list[Any]:
         # force the image right after the caption; max_length=1 stops decoding once the image is done
-        return model.sample_many([prompt.clone()], max_length=1, force_modality_at_start=(0, (side, side)),
-                                 modality_steps=modality_steps, cfg_scale=w.cfg_scale,
-                                 return_unprocessed_modalities=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            return model.sample_many([prompt.clone()], max_length=1, force_modality_at_start=(0, (side, side)),
+                                     modality_steps=modality_steps, cfg_scale=w.cfg_scale,
+                                     return_unprocessed_modalities=True)
 
     sample(2)  # warm-up: beartype/jaxtyping caches, thread pool
     calls[0] = 0
@@ -128,7 +129,7 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     image = images[-1][1] if isinstance(images[-1], tuple) else images[-1]
     image = image.value if hasattr(image, "value") else image
     return dict(
-        side="peer", bench="sample", sample_s=times, sample_s_median=median(times),
+        side="peer", bench="sample", dtype=args.dtype, sample_s=times, sample_s_median=median(times),
         transformer_calls_per_sample=calls[0] // max(args.iters, 1), ode_steps=steps,
         output=dict(shape=list(image.shape), finite=bool(torch.isfinite(image).all()),
                     mean=float(image.mean()), std=float(image.std())),
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--flops", action="store_true")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="sample: bf16 autocast or not")
     args = p.parse_args(argv)
     set_threads(args.threads)
     out = cmd_train(args) if args.bench == "train" else cmd_sample(args)
