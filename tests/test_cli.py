@@ -125,3 +125,36 @@ def test_v_prediction_unet_run_trains_and_samples_through_the_cli(tmp_path: Path
     assert main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", "a red bag", "--out", str(out),
                  "--steps", "3", "--n", "2"]) == 0
     assert out.is_file()
+
+
+def test_precision_flag_runs_the_network_under_bf16_autocast(run_dir: Path, tmp_path: Path, monkeypatch,
+                                                             capsys) -> None:
+    """--precision bf16 puts every network call of sample / caption / generate under bf16 autocast; fp32 under
+    none. (That bf16 sampling tracks fp32 is tests/test_generate.py's test_bf16_autocast_sampling_tracks_fp32.)"""
+    from transfusion import cli
+
+    seen: list[bool] = []
+    load = cli._load
+
+    def spy_load(*a, **kw):
+        model, cfg, tok = load(*a, **kw)
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        return model, cfg, tok
+
+    monkeypatch.setattr(cli, "_load", spy_load)
+    img = tmp_path / "in.png"
+    Image.new("RGB", (28, 28), (200, 20, 20)).save(img)
+    commands = {
+        "sample": ["--prompt", "a red sneaker", "--out", str(tmp_path / "s.png"), "--steps", "2"],
+        "caption": ["--image", str(img), "--max-new-tokens", "3"],
+        "generate": ["--prompt", "a red bag <boi>", "--max-new-tokens", "2", "--steps", "2", "--out-dir",
+                     str(tmp_path / "gen")],
+    }
+    for name, extra in commands.items():
+        for prec in ("fp32", "bf16"):
+            seen.clear()
+            assert main([name, "--ckpt", str(run_dir), *extra, "--precision", prec]) == 0
+            assert seen and set(seen) == {prec == "bf16"}, (name, prec)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--ckpt", "R", "--prompt", "x", "--out", "y.png", "--precision", "fp16"])

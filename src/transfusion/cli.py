@@ -119,7 +119,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     model, cfg, tok = _load(args.ckpt, args.no_ema)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    with torch.no_grad():
+    with torch.no_grad(), _precision(model, args.precision):
         images = generate_images(
             model, tok, [args.prompt] * args.n, schedule,
             steps=args.steps or cfg.eval.sample_steps,
@@ -137,7 +137,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     model, cfg, tok = _load(args.ckpt, args.no_ema)
     images = torch.cat([read_image(p, cfg.model) for p in args.image])
-    with torch.no_grad():
+    with torch.no_grad(), _precision(model, args.precision):
         captions = caption_images(model, tok, images, max_new_tokens=args.max_new_tokens)
     for path, text in zip(args.image, captions):
         print(text if len(args.image) == 1 else f"{path}\t{text}")
@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, cfg, tok = _load(args.ckpt, args.no_ema)
     out_dir = Path(args.out_dir)
-    with torch.no_grad():
+    with torch.no_grad(), _precision(model, args.precision):
         parts = generate(
             model, tok, args.prompt, NoiseSchedule.from_config(cfg.diffusion),
             max_new_tokens=args.max_new_tokens, steps=args.steps or cfg.eval.sample_steps,
@@ -217,6 +217,15 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or a step directory")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: run the network under bf16 autocast (~1.3-1.7x faster on CPUs with AVX512-BF16, "
+                        "much more on GPUs; images differ from fp32 by rounding). Default fp32: exact")
+
+
+def _precision(model: Any, precision: str):
+    """The autocast context for `--precision` on the model's device (a no-op context for fp32)."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
