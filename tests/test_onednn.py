@@ -163,3 +163,63 @@ def test_fused_block_path_runs_and_falls_back_on_changed_weights():
         ref_changed = model(*args)
     assert not _close(changed.eps, ref.eps, 1e-3)
     assert _close(changed.eps, ref_changed.eps, 1e-4) and _close(changed.logits, ref_changed.logits, 1e-4)
+
+
+def test_bf16_autocast_linear_uses_packed_bf16_weights():
+    """Under CPU bf16 autocast without autograd, a Linear runs on a lazily packed bf16 copy of its weight: the
+    same computation as autocast's F.linear (bf16 in and out), re-packed after an in-place weight change; with
+    autograd on it is autocast's own F.linear."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80)
+    x = torch.randn(7, 48)
+
+    def ref():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.linear(x, lin.weight, lin.bias)
+
+    expected = ref()
+    with packed_linears(lin):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lin(x)
+        with torch.no_grad():
+            lin.weight.mul_(-2.0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                changed = lin(x)  # a fresh autocast context: autocast caches its own weight casts per context
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x.requires_grad_())
+    assert out.dtype == torch.bfloat16 and _close(out.float(), expected.float(), 1e-2)
+    assert _close(changed.float(), ref().float(), 1e-2)  # the stale bf16 copy was not used
+    assert y.grad_fn is not None and torch.equal(y, ref())
+
+
+def test_bf16_autocast_model_and_fused_swiglu_match_autocast():
+    """The bf16 fast path of a whole model (packed bf16 Linears, SwiGLU swish/mul as oneDNN post-ops, residuals
+    in fp32 as under autocast) against plain autocast: within bf16 rounding, the fused path ran, and a weight
+    changed in place inside the block is used."""
+    from torch.profiler import profile
+
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=40, seed=6)
+    args = (b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, torch.full((b.patches.shape[0],), 400))
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(*args)
+
+    def silu_calls(prof) -> int:
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::silu")
+
+    with profile() as plain:
+        ref = run()
+    with packed_linears(model):
+        with profile() as prof:
+            fast = run()
+        with torch.no_grad():
+            model.layers[-1].ffn.w13.weight.mul_(1.5)
+        changed = run()
+    model_changed_ref = run()
+    assert silu_calls(plain) - silu_calls(prof) == model.cfg.n_layers  # every block's SwiGLU was fused
+    for a, r in ((fast, ref), (changed, model_changed_ref)):
+        assert a.eps.dtype == r.eps.dtype and a.logits.dtype == r.logits.dtype
+        assert _close(a.eps.float(), r.eps.float(), 3e-2) and _close(a.logits.float(), r.logits.float(), 3e-2)
+    assert not _close(changed.eps.float(), ref.eps.float(), 3e-2)
