@@ -125,3 +125,33 @@ def test_fp32_attention_dispatch_by_size(L, S, math):
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert torch.equal(out, ref) or math
+
+
+def test_attention_bias_built_once_per_mask():
+    """The explicit path's additive bias is memoised per mask object (one per forward, shared by the layers):
+    reused while the mask is unchanged, rebuilt after an in-place change or for another dtype / head count,
+    dropped when the mask is freed, never kept for inference-mode masks."""
+    import gc
+
+    from transfusion.model.transformer import _BiasMemo
+
+    memo = _BiasMemo()
+    mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask[..., 0] = True
+    a = memo.bias(mask, torch.float32, 3)
+    assert a.shape == (6, 5, 7) and memo.bias(mask, torch.float32, 3) is a
+    expected = torch.zeros(2, 3, 5, 7).masked_fill_(~mask, float("-inf")).reshape(6, 5, 7)
+    assert torch.equal(a, expected)
+    assert memo.bias(mask, torch.bfloat16, 3).dtype == torch.bfloat16
+    assert memo.bias(mask, torch.float32, 2).shape[0] == 4
+    b = memo.bias(mask, torch.float32, 3)
+    mask[0, 0, 1, 1] = not bool(mask[0, 0, 1, 1])  # in place: the cached bias is stale
+    c = memo.bias(mask, torch.float32, 3)
+    assert c is not b and torch.equal(c, torch.zeros(2, 3, 5, 7).masked_fill_(~mask, float("-inf")).reshape(6, 5, 7))
+    del mask, a, b, c
+    gc.collect()
+    assert memo.entry is None  # freed with the mask
+    with torch.inference_mode():
+        m2 = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+        assert torch.equal(memo.bias(m2, torch.float32, 1), torch.zeros(1, 2, 2))
+    assert memo.entry is None

@@ -8,6 +8,7 @@ BlockMask (GPU training); both come from the same rule in masks.py.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,40 @@ def _math_attention_wins(q: Tensor, S: int) -> bool:
     return not torch.is_grad_enabled() and L > 1 and L * S <= MATH_ATTENTION_FP32_MAX_LS
 
 
+class _BiasMemo:
+    """The additive attention bias (0 / -inf, expanded over the heads) of the last mask seen.
+
+    Every layer of a forward passes the same mask object, so the bias is built once per forward instead of once
+    per layer (~130 µs a layer for a CFG diffusion step of the benchmark model, ~1% of a sample). Keyed by the
+    mask object (weakly: the entry is dropped when the mask is freed), its version counter (an in-place change
+    rebuilds it), dtype and head count. Inference-mode masks (no version counter) and compiled code skip it."""
+
+    def __init__(self) -> None:
+        self.entry: tuple[weakref.ref, tuple, Tensor] | None = None
+
+    def bias(self, mask: Tensor, dtype: torch.dtype, heads: int) -> Tensor:
+        """mask (B, 1, L, S) bool -> (B*heads, L, S) additive bias."""
+        cacheable = not mask.is_inference() and not torch.compiler.is_compiling()
+        key = (mask._version, dtype, heads) if cacheable else None
+        entry = self.entry
+        if cacheable and entry is not None and entry[0]() is mask and entry[1] == key:
+            return entry[2]
+        B, _, L, S = mask.shape
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(B, heads, L, S).reshape(B * heads, L, S)
+        if cacheable:
+            self.entry = (weakref.ref(mask, self._drop), key, bias)
+        return bias
+
+    def _drop(self, ref: weakref.ref) -> None:
+        entry = self.entry
+        if entry is not None and entry[0] is ref:
+            self.entry = None
+
+
+_bias_memo = _BiasMemo()
+
+
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention with a dense bool mask: q (B, H, L, hd), k/v (B, H, S, hd), mask (B, 1, L, S) -> (B, H, L, hd).
 
@@ -61,8 +96,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     B, H, L, hd = q.shape
     S = k.shape[2]
     if _math_attention_wins(q, S):
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        scores = torch.baddbmm(bias.expand(B, H, L, S).reshape(B * H, L, S), q.reshape(B * H, L, hd),
+        scores = torch.baddbmm(_bias_memo.bias(mask, q.dtype, H), q.reshape(B * H, L, hd),
                                k.reshape(B * H, S, hd).transpose(1, 2), alpha=hd**-0.5)  # (B*H, L, S)
         return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, S, hd)).view(B, H, L, hd)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
