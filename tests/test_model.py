@@ -228,3 +228,55 @@ def test_rope_rotates_pairs_and_scores_depend_on_relative_position():
         return float((apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum())
 
     assert abs(score(10, 4) - score(40, 34)) < 1e-4 and abs(score(10, 4) - score(10, 5)) > 1e-3
+
+
+def test_linear_patch_timestep_mlp_once_per_image_equals_per_patch():
+    """LinearPatch runs its timestep MLP once per image when each image's patches share t (the training and
+    sampling case) and per patch otherwise; both equal the per-patch formula."""
+    from transfusion.model.patch import LinearPatch, image_timesteps, timestep_embedding
+
+    torch.manual_seed(0)
+    enc = LinearPatch(patch_dim=4, dim=32, image_patches=6)
+    enc.init_weights(0.2)
+    x = torch.randn(18, 4)
+
+    def per_patch(t):
+        return enc.proj_in(x + enc.t_mlp(timestep_embedding(t, enc.t_freq_dim)))
+
+    shared = torch.tensor([5, 700, 999]).repeat_interleave(6)
+    mixed = shared.clone()
+    mixed[7] = 3
+    assert torch.equal(image_timesteps(shared, 6), torch.tensor([5, 700, 999]))
+    assert image_timesteps(mixed, 6) is None and image_timesteps(shared[:5], 6) is None
+    with torch.no_grad():
+        for t in (shared, mixed):
+            h, _ = enc.encode(x, t)
+            assert (h - per_patch(t)).abs().max() < 1e-5
+        assert enc.encode(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))[0].shape == (0, 32)
+
+
+def test_rope_out_and_cached_paths_agree_with_and_without_autograd():
+    """apply_rope(out=...) (the decoder's copy-free path) equals the plain rotation, into a strided cache slot
+    too; a cached forward with autograd recording (the plain path) equals the no-grad one."""
+    from transfusion.model.transformer import RotaryEmbedding, apply_rope
+
+    rope = RotaryEmbedding(16, 64, 10_000.0)
+    cos, sin = rope(torch.arange(5, 12)[None].expand(2, 7))
+    x = torch.randn(2, 7, 3, 4, 16).permute(2, 0, 3, 1, 4)[1]  # (B, H, L, hd), a strided view like k in qkv
+    slot = torch.zeros(2, 4, 20, 16)[:, :, 3:10]  # a KV-cache-like strided destination
+    assert torch.equal(apply_rope(x, cos, sin, out=slot), apply_rope(x, cos, sin))
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=30, seed=3, max_images=0)
+    t = torch.zeros(0, dtype=torch.long)
+
+    def cached():
+        cache = model.new_cache(2, 30)
+        model(b.tokens[:, :20], b.image_ids[:, :20], b.doc_ids[:, :20], b.positions[:, :20], b.patches, t,
+              cache=cache)
+        return model(b.tokens[:, 20:], b.image_ids[:, 20:], b.doc_ids[:, 20:], b.positions[:, 20:], b.patches, t,
+                     cache=cache).logits
+
+    with torch.no_grad():
+        fast = cached()
+    slow = cached()
+    assert slow.requires_grad and (slow - fast).abs().max() < 1e-5

@@ -47,9 +47,19 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this layer's new keys/values (B, H, n, hd); return all keys/values (B, H, length + n, hd)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
+        k_slot, v_slot = self.slots(layer, k.shape[2])
+        k_slot.copy_(k)
+        v_slot.copy_(v)
+        return self.keys_values(layer, k.shape[2])
+
+    def slots(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
+        """Views of this layer's next n key/value slots (B, H, n, hd), for a forward to write into directly."""
+        end = self.length + n
+        return self.k[layer, :, :, self.length : end], self.v[layer, :, :, self.length : end]
+
+    def keys_values(self, layer: int, n: int) -> tuple[Tensor, Tensor]:
+        """All keys/values of this layer up to the n positions after the prefix: (B, H, length + n, hd)."""
+        end = self.length + n
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def commit(self, n: int) -> None:

@@ -58,6 +58,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     return emb
 
 
+def image_timesteps(t: Tensor, n: int) -> Tensor | None:
+    """(P,) per-patch timesteps -> (P / n,) one per image when the P patches are whole images of n patches that
+    each share one timestep (training and the samplers always pass that); None otherwise. Decided on CPU only:
+    on GPU the check would sync every step, so there the caller keeps per-patch work."""
+    if t.device.type != "cpu" or t.numel() == 0 or t.shape[0] % n:
+        return None
+    per_image = t.view(-1, n)  # (N, n)
+    return per_image[:, 0] if bool((per_image == per_image[:, :1]).all()) else None
+
+
 class PatchEncoderBase(nn.Module):
     def encode(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Any]:  # (P, D), (P,) -> (P, dim), ctx
         raise NotImplementedError
@@ -86,25 +96,31 @@ class LinearPatch(PatchEncoderBase):
     """Linear patch encoding (paper §3.2) with the timestep embedding added to each patch vector *before* the
     linear layer (fn. 6). The embedding is a sinusoid of t passed through a small MLP into patch space.
 
-    With `patches_per_image` set, a learned (n, dim) position embedding is added to the encodings (an option,
-    `model.patch_pos_emb`). Patches always arrive as whole images in reading order, so a patch's index in its
-    image is its row index modulo n."""
+    Patches always arrive as whole images of `image_patches` (n) rows in reading order, so a patch's index in its
+    image is its row index modulo n. Each patch may carry its own timestep; when every image's patches share
+    one (training, the samplers), the timestep MLP runs once per image instead of once per patch on CPU (1.7% of
+    a 30-step sample). With `pos_emb`, a learned (n, dim) position embedding is added (`model.patch_pos_emb`)."""
 
-    def __init__(self, patch_dim: int, dim: int, t_freq_dim: int = 256, patches_per_image: int = 0):
+    def __init__(self, patch_dim: int, dim: int, image_patches: int, t_freq_dim: int = 256, pos_emb: bool = False):
         super().__init__()
-        self.t_freq_dim = t_freq_dim
-        self.pos = nn.Parameter(torch.empty(patches_per_image, dim)) if patches_per_image else None
+        self.t_freq_dim, self.n = t_freq_dim, image_patches
+        self.pos = nn.Parameter(torch.empty(image_patches, dim)) if pos_emb else None
         self.t_mlp = nn.Sequential(nn.Linear(t_freq_dim, dim), nn.SiLU(), nn.Linear(dim, patch_dim))
         self.proj_in = nn.Linear(patch_dim, dim)
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=True)
         self.proj_out = nn.Linear(dim, patch_dim)
 
     def encode(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, None]:
-        temb = self.t_mlp(timestep_embedding(t, self.t_freq_dim).to(x_t.dtype))  # (P, D)
-        h = self.proj_in(x_t + temb)  # (P, dim)
+        P, D = x_t.shape
+        t_img = image_timesteps(t, self.n)  # (N,) or None
+        if t_img is None:
+            x = x_t + self.t_mlp(timestep_embedding(t, self.t_freq_dim).to(x_t.dtype))  # (P, D)
+        else:
+            temb = self.t_mlp(timestep_embedding(t_img, self.t_freq_dim).to(x_t.dtype))  # (N, D)
+            x = (x_t.view(-1, self.n, D) + temb[:, None]).view(P, D)
+        h = self.proj_in(x)  # (P, dim)
         if self.pos is not None:
-            n = self.pos.shape[0]
-            h = h + self.pos[torch.arange(h.shape[0], device=h.device) % n].to(h.dtype)
+            h = h + self.pos[torch.arange(P, device=h.device) % self.n].to(h.dtype)
         return h, None
 
     def decode(self, h: Tensor, ctx: None = None) -> Tensor:
@@ -247,6 +263,6 @@ class UNetPatch(PatchEncoderBase):
 
 def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
     if cfg.patch_encoder == PatchEncoder.LINEAR:
-        return LinearPatch(cfg.patch_dim, cfg.dim, patches_per_image=cfg.patches_per_image if cfg.patch_pos_emb else 0)
+        return LinearPatch(cfg.patch_dim, cfg.dim, cfg.patches_per_image, pos_emb=cfg.patch_pos_emb)
     return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
                      blocks=cfg.unet_blocks)

@@ -146,11 +146,15 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
     """x (B, H, L, hd); cos/sin (B, 1, L, hd) from RotaryEmbedding. Rotates each pair (x1, x2) = (x[i], x[i+hd/2]):
-    (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + [x2, x1] * [-sin, sin]."""
+    (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + [x2, x1] * [-sin, sin]. `out` (no autograd): write the result
+    there, e.g. straight into a KV-cache slot or a contiguous buffer, instead of a new tensor."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos.to(x.dtype), torch.cat([x2, x1], dim=-1), sin.to(x.dtype))
+    cos, sin, rot = cos.to(x.dtype), sin.to(x.dtype), torch.cat([x2, x1], dim=-1)
+    if out is None:
+        return torch.addcmul(x * cos, rot, sin)
+    return torch.mul(x, cos, out=out).addcmul_(rot, sin)
 
 
 class Attention(nn.Module):
@@ -167,10 +171,19 @@ class Attention(nn.Module):
         """Everything but the output projection: (B, L, D) -> the heads' outputs side by side (B, L, D)."""
         B, L, D = x.shape
         qkv = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, L, hd)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (B, H, S, hd) with the cached prefix
+        q, k, v = qkv.unbind(0)  # each (B, H, L, hd), views into qkv
+        if cache is not None and not qkv.requires_grad and cache.k.dtype == k.dtype:
+            # decoding: RoPE writes q contiguous (no copy before the score matmul) and k straight into its
+            # cache slots (no copy into the cache): 2-3% of a 30-step sample
+            q = apply_rope(q, *rope, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+            k_slot, v_slot = cache.slots(self.layer_id, L)
+            apply_rope(k, *rope, out=k_slot)
+            v_slot.copy_(v)
+            k, v = cache.keys_values(self.layer_id, L)  # (B, H, S, hd) with the cached prefix
+        else:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(self.layer_id, k, v)  # (B, H, S, hd) with the cached prefix
         if isinstance(mask, Tensor):
             out = dense_attention(q, k, v, mask)
         else:
