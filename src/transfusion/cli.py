@@ -218,7 +218,7 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: run the network under bf16 autocast (~1.3-1.7x faster on CPUs with AVX512-BF16, "
+                   help="bf16: run the network under bf16 autocast (~1.3-1.8x faster on CPUs with AVX512-BF16, "
                         "much more on GPUs; images differ from fp32 by rounding). Default fp32: exact")
 
 
