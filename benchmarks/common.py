@@ -106,7 +106,7 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) 
     """Best observed rate of an n x n x n matmul in this dtype and the current thread count, GFLOP/s.
 
     Both CPU GEMM libraries in the torch wheel are tried, MKL (`torch.mm`) and oneDNN (the library our fp32
-    fast path uses, src/transfusion/model/onednn.py), and the faster one is the peak: oneDNN reaches ~15% more
+    fast path uses, src/transfusion/backends/cpu/onednn.py), and the faster one is the peak: oneDNN reaches ~15% more
     in fp32 here, so a peak from MKL alone would overstate every MFU."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)

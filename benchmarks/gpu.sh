@@ -11,6 +11,11 @@
 # 3. tokens/s and MFU = model FLOPs per step / step time / the card's measured bf16 matmul rate. FLOPs: every op
 #    but attention counted by FlopCounterMode on an SDPA twin, attention over the mask's allowed pairs only.
 #    Goal: >= 45% MFU.
+# 4. The trainer path: `transfusion train` on configs/paper/0.16B.toml (colour fashion pixels in 4x4 patches, text
+#    mixed in, seq 4096, bf16, FlexAttention, per-block compile as `train.compile` does), GPU_TRAINER_STEPS steps
+#    (default 40, 0 skips it) of GPU_TRAINER_ROWS rows (default 8); tokens/s = median of the logged steps after the
+#    first 10, MFU against 6 N tokens/s (attention not counted) and the bf16 matmul rate of step 2. Written to
+#    "trainer_path" in $OUT/gpu_trainer.json and printed as a second JSON object.
 # GPU_ONLY=flex runs step 1 alone. Uses whatever torch the machine has (>= 2.6; the lent machines have 2.11) with src/ on PYTHONPATH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transfusion.config import AttentionImpl, ModelConfig
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.losses import transfusion_loss
-from transfusion.model.transfusion import Transfusion
+from transfusion.model.build import build_model
 from common import Workload
 from ours import make_batch
 
@@ -75,13 +80,12 @@ def flex_equals_sdpa():
     b = batch_for(cfg, 2, 256, 3, 20)
     t = torch.randint(0, 1000, (b.patches.shape[0],), device=dev)
     for dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(0)
-        sdpa = Transfusion(cfg).to(dev, dtype).eval()
-        flex = Transfusion(ModelConfig.from_name("micro", max_seq_len=512, attention_impl=AttentionImpl.FLEX))
+        sdpa = build_model(cfg, dev, seed=0).to(dtype).eval()
+        flex = build_model(ModelConfig.from_name("micro", max_seq_len=512, attention_impl=AttentionImpl.FLEX), dev)
         flex.load_state_dict(sdpa.state_dict())
-        flex = flex.to(dev, dtype).eval()
+        flex = flex.to(dtype).eval()
         a, c = forward(sdpa, b, t, dtype), forward(flex, b, t, dtype)
-        err = max((a.logits - c.logits).abs().max().item(), (a.eps - c.eps).abs().max().item())
+        err = max((a.logits - c.logits).abs().max().item(), (a.diffusion - c.diffusion).abs().max().item())
         err = float(err)
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         out[str(dtype).split(".")[-1]] = dict(max_abs_diff=err, tol=tol, equal=err <= tol)
@@ -136,7 +140,7 @@ def model_flops(cfg, b):
     for forward + backward). Flex skips masked blocks, so counting the dense attention would inflate MFU."""
     from transfusion.model.masks import dense_mask
 
-    model = Transfusion(ModelConfig.from_name("0.16B", max_seq_len=SEQ)).to(dev)
+    model = build_model(ModelConfig.from_name("0.16B", max_seq_len=SEQ), dev)
     schedule, gen = NoiseSchedule(1000), torch.Generator(device=dev).manual_seed(0)
     with FlopCounterMode(display=False) as fc, torch.autocast("cuda", dtype=torch.bfloat16):
         transfusion_loss(model, b, schedule, generator=gen).loss.backward()
@@ -167,8 +171,7 @@ for rows in ROWS_LIST:  # every row has the same layout, so FLOPs scale with the
         if rows != ROWS and mode == "eager_flex":
             continue
         key = mode if rows == ROWS else f"{mode}_rows{rows}"
-        torch.manual_seed(0)
-        model = Transfusion(cfg).to(dev).train()
+        model = build_model(cfg, dev, seed=0).train()
         if mode == "compiled_model":
             model = torch.compile(model)
         elif mode == "compiled_blocks":  # what `train.compile = true` does
@@ -186,10 +189,45 @@ for rows in ROWS_LIST:  # every row has the same layout, so FLOPs scale with the
         del model
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-result["params"] = Transfusion(ModelConfig.from_name("0.16B", max_seq_len=SEQ)).num_params()
+result["params"] = build_model(ModelConfig.from_name("0.16B", max_seq_len=SEQ), "meta").num_params()
 text = json.dumps(result, indent=1)
 print(text)
 if os.environ.get("OUT"):
     with open(os.path.join(os.environ["OUT"], "gpu.json"), "w") as f:
         f.write(text)
 PYEOF
+
+if [ "${GPU_ONLY:-}" != "flex" ] && [ "${GPU_TRAINER_STEPS:-40}" -gt 0 ]; then
+  RUN="$(mktemp -d)/run"
+  "$PYTHON" -m transfusion.cli train "$ROOT/configs/paper/0.16B.toml" --out "$RUN" --no-progress \
+    --set model.image_channels=3 --set model.image_size=28 --set model.patch_size=4 \
+    --set train.steps="${GPU_TRAINER_STEPS:-40}" --set train.batch_size="${GPU_TRAINER_ROWS:-8}" \
+    --set train.warmup_steps=5 --set train.compile=true --set train.ckpt_every=0 --set train.sample_n=0 \
+    --set train.log_every=1 >&2
+  "$PYTHON" - "$RUN" <<'PYEOF'
+import json, os, statistics, sys
+import torch
+from transfusion import config
+from transfusion.model.build import build_model
+from transfusion.metrics import read_metrics
+
+run = sys.argv[1]
+recs = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r["step"] > 10]
+cfg = config.load(os.path.join(run, "config.toml"))
+n = build_model(cfg.model, "meta").num_params()
+n_dev = torch.cuda.device_count()
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize(); t = __import__("time").perf_counter()
+for _ in range(20):
+    a @ a
+torch.cuda.synchronize(); peak = 2 * 8192**3 * 20 / (__import__("time").perf_counter() - t)
+tok_s = statistics.median(r["tokens_per_s"] for r in recs) if recs else None
+out = {"trainer_path": dict(command="transfusion train configs/paper/0.16B.toml (see gpu.sh)", params=n,
+       steps=len(recs) + 10, rows=cfg.train.batch_size, seq_len=cfg.data.seq_len, tokens_per_s=tok_s,
+       mfu_6n=(6 * n * tok_s / peak / n_dev) if tok_s else None, final_loss=recs[-1]["loss"] if recs else None)}
+print(json.dumps(out, indent=1))
+if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], "gpu_trainer.json"), "w") as f:
+        json.dump(out, f, indent=1)
+PYEOF
+fi

@@ -1,4 +1,4 @@
-"""A/B of the CPU fp32 fast path (src/transfusion/model/onednn.py) against plain PyTorch, in one process.
+"""A/B of the CPU fp32 fast path (src/transfusion/backends/cpu/onednn.py) against plain PyTorch, in one process.
 
     .venv/bin/python benchmarks/onednn_ab.py --out benchmarks/results/onednn_ab.json     # ~3 min, 2 threads
 
@@ -27,10 +27,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import C1, QUICK, set_threads  # noqa: E402
 from ours import BenchTokenizer, build_model, make_step, train_batch  # noqa: E402
+from transfusion.config import RuntimeConfig  # noqa: E402
 from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
-from transfusion.generate import generate_images  # noqa: E402
-from transfusion.model import onednn  # noqa: E402
-from transfusion.runtime import tune_malloc  # noqa: E402
+from transfusion.decoding import generate_images  # noqa: E402
+from transfusion.backends.cpu import onednn  # noqa: E402
+from transfusion.backends.cpu.runtime import tune_malloc  # noqa: E402
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, reps: int = 1) -> dict[str, float]:
@@ -66,7 +67,7 @@ def ab_matmul(w, rows: list[int], rounds: int) -> dict[str, Any]:
 
 
 def ab_sample(w, rounds: int) -> dict[str, Any]:
-    model = build_model(w).eval()
+    model = build_model(w, runtime=RuntimeConfig(onednn=False)).eval()  # math attention; oneDNN per mode
     tok = BenchTokenizer(w.prefix_tokens - 2, w.vocab_size)
     schedule = NoiseSchedule(1000)
     real_block = onednn.Block
@@ -76,19 +77,14 @@ def ab_sample(w, rounds: int) -> dict[str, Any]:
             pass
 
         def call() -> Any:
-            before = os.environ.get(onednn.ENV_SWITCH)
-            os.environ[onednn.ENV_SWITCH] = "0" if mode == "off" else "1"
             onednn.Block = real_block if mode == "fused_blocks" else _NoBlock  # type: ignore[misc]
             try:
-                return generate_images(model, tok, ["caption"], schedule, steps=w.sample_evals,
-                                       cfg_scale=w.cfg_scale, sampler="ddim",
-                                       generator=torch.Generator().manual_seed(0), progress=False)
+                with onednn.packed_linears(model, enabled=mode != "off"):
+                    return generate_images(model, tok, ["caption"], schedule, steps=w.sample_evals,
+                                           cfg_scale=w.cfg_scale, sampler="ddim",
+                                           generator=torch.Generator().manual_seed(0), progress=False)
             finally:
                 onednn.Block = real_block  # type: ignore[misc]
-                if before is None:
-                    os.environ.pop(onednn.ENV_SWITCH, None)
-                else:
-                    os.environ[onednn.ENV_SWITCH] = before
 
         return call
 
@@ -100,8 +96,7 @@ def ab_train(w, rounds: int) -> dict[str, Any]:
     batch = train_batch(w)
     steps = {}
     for name, on in (("off", False), ("on", True)):
-        torch.manual_seed(0)
-        steps[name] = make_step(build_model(w).train(), batch, bf16=False, onednn=on)
+        steps[name] = make_step(build_model(w, runtime=RuntimeConfig(onednn=on)).train(), batch, bf16=False)
     t = interleaved(steps, rounds)
     return dict(seconds=t, speedup=t["off"] / t["on"])
 

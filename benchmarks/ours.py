@@ -25,13 +25,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import Workload, emit, median, set_threads, time_calls, workload  # noqa: E402
+from transfusion.backends import convert_model  # noqa: E402
+from transfusion.backends.cpu.onednn import onednn_linears  # noqa: E402
+from transfusion.backends.cpu.runtime import tune_malloc  # noqa: E402
 from transfusion.batch import MixedBatch, make_lm_targets  # noqa: E402
-from transfusion.config import AttentionMask, ModelConfig  # noqa: E402
+from transfusion.config import AttentionMask, ModelConfig, RuntimeConfig  # noqa: E402
 from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
 from transfusion.losses import transfusion_loss  # noqa: E402
-from transfusion.model.onednn import onednn_linears  # noqa: E402
+from transfusion.model import build as model_build  # noqa: E402
 from transfusion.model.transfusion import Transfusion  # noqa: E402
-from transfusion.runtime import tune_malloc  # noqa: E402
 
 PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4
 FIRST_TEXT_ID = 5
@@ -45,9 +47,15 @@ def model_config(w: Workload, **overrides: Any) -> ModelConfig:
     )
 
 
-def build_model(w: Workload, **overrides: Any) -> Transfusion:
-    torch.manual_seed(0)
-    return Transfusion(model_config(w, **overrides))
+def build_model(w: Workload, converters: str | None = "train", runtime: RuntimeConfig | None = None,
+                **overrides: Any) -> Transfusion:
+    """The benchmark model through the project's one build path, with the kernel converters the CLI applies:
+    "train" as `transfusion train` (oneDNN Linears + CPU math attention), "inference" as `transfusion.load`
+    (packed oneDNN + math attention), None for plain PyTorch (the FLOP counter cannot see oneDNN's op)."""
+    model = model_build.build_model(model_config(w, **overrides), seed=0)
+    if converters is not None:
+        convert_model(model, runtime or RuntimeConfig(), inference=converters == "inference")
+    return model
 
 
 def row_layout(length: int, n_images: int, caption: int, n_patches: int) -> tuple[list[int], list[int]]:
@@ -94,11 +102,9 @@ def train_batch(w: Workload) -> MixedBatch:
     return make_batch(w, w.batch, w.row_tokens, 1, w.caption_tokens)
 
 
-def make_step(model: Transfusion, batch: MixedBatch, bf16: bool, optimizer: bool = True,
-              onednn: bool = True) -> Callable[[], None]:
+def make_step(model: Transfusion, batch: MixedBatch, bf16: bool, optimizer: bool = True) -> Callable[[], None]:
     """Forward + backward (+ fused AdamW), fp32 or bf16 autocast; no clipping (the peer's step has none).
-
-    As in `transfusion train`, fp32 Linears run through oneDNN (model/onednn.py) unless `onednn=False`."""
+    The model's converters (build_model) decide the kernels, as in `transfusion train`."""
     schedule = NoiseSchedule(1000)
     gen = torch.Generator().manual_seed(0)
     opt = (torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -106,7 +112,7 @@ def make_step(model: Transfusion, batch: MixedBatch, bf16: bool, optimizer: bool
 
     def step() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-        with onednn_linears(model, pack=False, enabled=None if onednn else False), ctx:
+        with ctx:
             loss = transfusion_loss(model, batch, schedule, generator=gen).loss
             loss.backward()
         if opt is not None:
@@ -130,8 +136,8 @@ def cmd_train(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
 def cmd_flops(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(w).train()
-    step = make_step(model, train_batch(w), bf16=False, onednn=False)  # the counter cannot see oneDNN's op
+    model = build_model(w, converters=None).train()  # plain PyTorch: the counter cannot see oneDNN's op
+    step = make_step(model, train_batch(w), bf16=False)
     step()
     # The counter has no formula for CPU's fused SDPA op: count each call as dense attention (QK^T and AV,
     # 4*B*H*Lq*Lk*hd forward, twice that backward), the convention of PaLM's MFU; mask sparsity not subtracted.
@@ -179,9 +185,9 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 
 def cmd_sample(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     """Caption -> image: DDIM at `sample_evals` steps, each step one batched cond + uncond call (CFG)."""
-    from transfusion.generate import generate_images
+    from transfusion.decoding import generate_images
 
-    model = build_model(w).eval()
+    model = build_model(w, converters="inference").eval()  # as transfusion.load gives it to `sample`
     tok = BenchTokenizer(w.prefix_tokens - 2, w.vocab_size)
     schedule = NoiseSchedule(1000)
     calls = count_calls(model)
@@ -238,9 +244,9 @@ def _call(model: Transfusion, b: MixedBatch, t: int, **kw: Any) -> Any:
 def cmd_kv(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
     """Per-step cost of one diffusion step (one row, n patches) with the prefix cached vs recomputed.
 
-    Headline: both under packed oneDNN weights, as the decoder (generate.py) runs them; `unpacked`: both on
+    Headline: both under packed oneDNN weights, as the decoder (decoding.py) runs them; `unpacked`: both on
     plain F.linear (MKL), the path a model outside the decoder takes."""
-    model = build_model(w).eval()
+    model = build_model(w, runtime=RuntimeConfig(onednn=False)).eval()  # math attention; oneDNN per mode below
     out: dict[str, Any] = dict(side="ours", bench="kv")
     for prefix in args.prefixes:
         pre, img = _prefix_and_image(w, prefix)
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", type=_ints, default=None, help="mask lengths, e.g. 300,2048")
     args = p.parse_args(argv)
     set_threads(args.threads)
-    tune_malloc()  # as every transfusion entry point does (transfusion.runtime)
+    tune_malloc()  # as every transfusion entry point does ([runtime] tune_malloc, backends.setup_process)
     w = workload(args.quick)
     args.steps_list = args.steps_list or ([w.sample_evals] if args.quick else [w.sample_evals, 250])
     args.prefixes = args.prefixes or ([w.prefix_tokens, 24] if args.quick else [68, 512])

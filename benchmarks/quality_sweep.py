@@ -42,18 +42,18 @@ def score(run: Path, use_ema: bool, n: int, device: str, clf, grid: Path | None)
     model, cfg, ckpt = load_for_inference(run, use_ema=use_ema, device=device)
     tok = Tokenizer.load(tokenizer_path_for(ckpt, cfg))
     items, colours = eval_prompts(n, seed=0, heldout_share=0.25)
-    images = generate_for_prompts(model, tok, cfg, items, colours, cfg.eval.sample_steps, cfg.eval.cfg_scale,
-                                  cfg.eval.sampler.value, seed=0, batch=max(16, n), progress=False).cpu()
+    d = cfg.diffusion
+    images = generate_for_prompts(model, tok, cfg, items, colours, d.sample_steps, d.cfg_scale,
+                                  d.sampler.value, seed=0, batch=max(16, n), progress=False).cpu()
     if grid is not None:
         save_image_grid(images[:64], grid, nrow=8, scale=2)
     return score_alignment(images, items, colours, clf).summary()
 
 
 def _num_params(cfg: config_mod.Config) -> int:
-    from transfusion.model.transfusion import Transfusion
+    from transfusion.model.build import build_model
 
-    with torch.device("meta"):  # counted without allocating or reading the checkpoint again
-        return Transfusion(cfg.model).num_params()
+    return build_model(cfg.model, device="meta").num_params()  # counted without allocating or reading again
 
 
 def run_variant(config: str, name: str, overrides: list[str], out: Path, steps: int | None, n: int,

@@ -6,6 +6,7 @@ import torch
 
 from transfusion.batch import MixedBatch, make_lm_targets
 from transfusion.config import ModelConfig
+from transfusion.model.build import build_model
 from transfusion.model.transfusion import Transfusion
 
 
@@ -23,9 +24,9 @@ class ByteTokenizer:
 
 
 def micro_model(seed: int = 0, **overrides) -> Transfusion:
-    torch.manual_seed(seed)
     cfg = ModelConfig.from_name("micro", **overrides)
-    model = Transfusion(cfg).eval()
+    model = build_model(cfg, seed=seed).eval()
+    torch.manual_seed(seed)
     # give the zero-initialised layers (patch output, U-Net residual branches) random weights so eps
     # predictions depend on the input
     with torch.no_grad():

@@ -69,7 +69,7 @@ def test_quick_bench_with_peer(tmp_path: Path) -> None:
 
 def test_onednn_ab_quick(tmp_path):
     """benchmarks/onednn_ab.py (the fast path against plain PyTorch) runs and reports every comparison."""
-    from transfusion.model import onednn
+    from transfusion.backends.cpu import onednn
 
     if not onednn.available():
         pytest.skip("this torch build has no oneDNN linear")

@@ -1,7 +1,9 @@
-"""Checkpoints: round trip, atomicity under SIGKILL, corruption and config-mismatch errors."""
+"""Checkpoints (export format + the shared layout): round trip, atomicity under SIGKILL, corruption and
+config-mismatch errors. The training format (DCP) is tested in test_train.py and test_distributed.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,60 +14,50 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
-from transfusion import checkpoint as ck
 from transfusion import config
+from transfusion.checkpoint import layout as ck
+from transfusion.checkpoint.export import load_for_inference, save_export
+from transfusion.model.build import build_model
 
 
 def _cfg(**model: object) -> config.Config:
     return config.load(None, ["model.preset=micro"] + [f"model.{k}={v}" for k, v in model.items()])
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16))
-
-
-def _save(run: Path, step: int, model: nn.Module, cfg: config.Config, **kw) -> Path:
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 16)).sum().backward()
-    opt.step()
-    state = {"optimizer": opt.state_dict(), "rng": {"g": torch.Generator().manual_seed(1).get_state()},
-             "loader": {"epoch": 1, "cursor": 123, "name": "x", "big": 2**100}}
-    return ck.save_checkpoint(run, step, model, cfg, train_state=state, **kw)
+def _save(run: Path, step: int, seed: int = 0, **kw) -> tuple[Path, torch.nn.Module]:
+    cfg = _cfg()
+    model = build_model(cfg.model, seed=seed)
+    return save_export(run, step, model, cfg, **kw), model
 
 
 def test_round_trip_and_latest(tmp_path) -> None:
-    cfg, model = _cfg(), _model()
-    ema = {n: p.detach().float().clone() + 1 for n, p in model.named_parameters()}
-    _save(tmp_path, 10, model, cfg)
-    path = _save(tmp_path, 20, model, cfg, ema_state=ema)
+    _save(tmp_path, 10)
+    ema = {n: p.detach().float().clone() + 1 for n, p in build_model(_cfg().model, seed=1).named_parameters()}
+    path, model = _save(tmp_path, 20, seed=2, ema_state=ema)
     assert ck.resolve(tmp_path) == path == ck.find_latest(tmp_path)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000020"
-    fresh = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16))
-    loaded = ck.load_checkpoint(tmp_path, fresh, cfg)
-    assert loaded.step == 20 and loaded.train_state["loader"]["big"] == 2**100
-    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
-        assert torch.equal(a, b)
-    assert set(ck.load_ema_state(path)) == set(ema)
-    assert loaded.config.model == cfg.model
-    opt = torch.optim.AdamW(fresh.parameters())
-    opt.load_state_dict(loaded.train_state["optimizer"])
+    raw, cfg, where = load_for_inference(tmp_path, use_ema=False)
+    assert where == path and cfg.model == _cfg().model and not raw.training
+    for (n, a), b in zip(model.state_dict().items(), raw.state_dict().values()):
+        assert torch.equal(a, b), n
+    with_ema, _, _ = load_for_inference(tmp_path)
+    for n, p in with_ema.named_parameters():
+        assert torch.equal(p, ema[n]), n
+    manifest = json.loads((path / ck.MANIFEST_FILE).read_text())
+    assert manifest["step"] == 20 and set(manifest["files"]) == {ck.MODEL_FILE, ck.EMA_FILE, ck.CONFIG_FILE}
 
 
 def test_keep_prunes_old_checkpoints(tmp_path) -> None:
-    cfg, model = _cfg(), _model()
     for s in (1, 2, 3, 4):
-        _save(tmp_path, s, model, cfg, keep=2)
+        _save(tmp_path, s, keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step_00000003", "step_00000004"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "delete_state", "bad_manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "delete_config", "bad_manifest"])
 def test_corrupt_checkpoint_gives_clear_error(tmp_path, damage: str) -> None:
-    cfg, model = _cfg(), _model()
-    path = _save(tmp_path, 5, model, cfg)
+    path, _ = _save(tmp_path, 5)
     weights = path / ck.MODEL_FILE
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])
@@ -75,35 +67,27 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path, damage: str) -> None:
         weights.write_bytes(bytes(data))
     elif damage == "no_manifest":
         (path / ck.MANIFEST_FILE).unlink()
-    elif damage == "delete_state":
-        (path / ck.STATE_FILE).unlink()
+    elif damage == "delete_config":
+        (path / ck.CONFIG_FILE).unlink()
     else:
         (path / ck.MANIFEST_FILE).write_text("{not json")
     with pytest.raises(ck.CheckpointError) as e:
-        ck.load_checkpoint(path, _model(), cfg)
+        load_for_inference(path)
     assert str(path) in str(e.value) or "no checkpoint" in str(e.value)
 
 
 def test_truncated_weights_without_manifest_check(tmp_path) -> None:
-    path = _save(tmp_path, 5, _model(), _cfg())
+    path, _ = _save(tmp_path, 5)
     w = path / ck.MODEL_FILE
     w.write_bytes(w.read_bytes()[:50])
     with pytest.raises(ck.CheckpointError, match="cannot load weights"):
-        ck.load_checkpoint(path, _model(), _cfg(), check=False)
-
-
-def test_pickled_code_is_refused(tmp_path) -> None:
-    """train_state.pt is read with weights_only=True: an arbitrary object in it is an error, not executed."""
-    path = _save(tmp_path, 5, _model(), _cfg())
-    torch.save({"step": 5, "evil": ck.LoadedCheckpoint}, path / ck.STATE_FILE)
-    with pytest.raises(ck.CheckpointError, match="unreadable"):
-        ck.load_train_state(path)
+        load_for_inference(path, check=False)
 
 
 def test_different_model_config_is_named(tmp_path) -> None:
-    path = _save(tmp_path, 5, _model(), _cfg())
+    path, _ = _save(tmp_path, 5)
     with pytest.raises(ck.CheckpointError, match=r"model.dim: checkpoint 64 vs config 128"):
-        ck.load_checkpoint(path, _model(), _cfg(dim=128))
+        ck.check_model_config(ck.read_config(path).model, _cfg(dim=128).model, path)
 
 
 def test_missing_checkpoint(tmp_path) -> None:
@@ -118,31 +102,31 @@ def test_sigkill_during_saves_never_leaves_a_broken_latest(tmp_path) -> None:
     """A process saving checkpoints in a loop is SIGKILLed at several moments; whatever `latest` points to
     must verify and load, and half-written temp directories are ignored."""
     script = textwrap.dedent(f"""
-        import torch, torch.nn as nn
-        from transfusion import checkpoint as ck, config
-        cfg = config.load(None, ["model.preset=micro"])
-        model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 512))
+        import torch
+        from transfusion import config
+        from transfusion.checkpoint.export import save_export
+        from transfusion.model.build import build_model
+        cfg = config.load(None, ["model.preset=micro", "model.dim=256", "model.n_layers=4"])
+        model = build_model(cfg.model)
         step = 0
         while True:
             step += 1
             with torch.no_grad():
-                model[0].bias.fill_(step)
-            ck.save_checkpoint({str(tmp_path)!r}, step, model, cfg, train_state={{"x": torch.zeros(1000)}}, keep=3)
+                model.norm.weight.fill_(step)
+            save_export({str(tmp_path)!r}, step, model, cfg, keep=3)
             print(step, flush=True)
     """)
     for delay in (0.6, 1.0, 1.5):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        time.sleep(delay + 1.5)  # import time + some saves
+        time.sleep(delay + 2.0)  # import time + some saves
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         latest = ck.find_latest(tmp_path)
         if latest is None:
             continue
         ck.verify(latest)
-        model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 512))
-        loaded = ck.load_checkpoint(latest, model, config.load(None, ["model.preset=micro"]))
-        assert float(model[0].bias[0].detach()) == loaded.step
-        # the next run's save cleans up the killed process's temp directory
+        model, _, _ = load_for_inference(latest)
+        assert float(model.norm.weight[0].detach()) == json.loads((latest / ck.MANIFEST_FILE).read_text())["step"]
         for p in (tmp_path / "checkpoints").iterdir():
             assert p.name.startswith(("step_", "latest", ".tmp-", ".latest", ".old-"))
     assert ck.find_latest(tmp_path) is not None

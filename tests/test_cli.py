@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion import checkpoint as ck
+from transfusion.checkpoint import layout as ck
+from transfusion.checkpoint import load_for_inference
 from transfusion.cli import build_parser, main
 
 from train_helpers import write_micro_config
@@ -51,8 +52,8 @@ def test_export_then_sample(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", str(run_dir), "--out", str(tmp_path / "exp")]) == 0
     step = ck.resolve(tmp_path / "exp")
     assert step.name == "step_00000006" and {ck.MODEL_FILE, ck.EMA_FILE} <= {p.name for p in step.iterdir()}
-    a, _, _ = ck.load_for_inference(run_dir)  # the same weights (EMA) from the shards and from the export
-    b, _, _ = ck.load_for_inference(step)
+    a, _, _ = load_for_inference(run_dir)  # the same weights (EMA) from the shards and from the export
+    b, _, _ = load_for_inference(step)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     out = tmp_path / "s.png"
     assert main(["sample", "--ckpt", str(tmp_path / "exp"), "--prompt", "a red bag", "--out", str(out),
@@ -119,7 +120,7 @@ def test_v_prediction_unet_run_trains_and_samples_through_the_cli(tmp_path: Path
     cfg = write_micro_config(tmp_path / "c.toml", steps=2, ckpt_every=2)
     opts = ["--set", "diffusion.prediction=v", "--set", "model.patch_encoder=unet", "--set", "model.unet_width=8"]
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", *opts]) == 0
-    model, loaded, _ = ck.load_for_inference(tmp_path / "run")
+    model, loaded, _ = load_for_inference(tmp_path / "run")
     assert loaded.diffusion.prediction.value == "v" and type(model.patch).__name__ == "UNetPatch"
     out = tmp_path / "s.png"
     assert main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", "a red bag", "--out", str(out),
@@ -137,9 +138,9 @@ def test_precision_flag_runs_the_network_under_bf16_autocast(run_dir: Path, tmp_
     load = cli._load
 
     def spy_load(*a, **kw):
-        model, cfg, tok = load(*a, **kw)
-        model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
-        return model, cfg, tok
+        m = load(*a, **kw)
+        m.model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        return m
 
     monkeypatch.setattr(cli, "_load", spy_load)
     img = tmp_path / "in.png"
@@ -158,3 +159,29 @@ def test_precision_flag_runs_the_network_under_bf16_autocast(run_dir: Path, tmp_
     capsys.readouterr()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sample", "--ckpt", "R", "--prompt", "x", "--out", "y.png", "--precision", "fp16"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "--prompt", " ".join(["word"] * 5000)], "model's context is 256"),
+    (["sample", "--prompt", "a red bag", "--n", "0"], "--n must be at least 1"),
+    (["sample", "--prompt", "a red bag", "--steps", "5000"], "5000 denoising steps: expected 1..1000"),
+    (["generate", "--prompt", " ".join(["word"] * 5000)], "model's context is 256"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["caption", "--image", "missing.png"], "no such file"),
+])
+def test_bad_inference_requests_exit_2_with_the_limit(run_dir: Path, tmp_path: Path, args, needle) -> None:
+    """Over-long prompts, no images, out-of-range steps, missing files: one `error:` line naming the limit,
+    exit 2, no traceback (a real subprocess, as a user runs it)."""
+    extra = ["--out", str(tmp_path / "o.png")] if args[0] == "sample" else []
+    res = subprocess.run([sys.executable, "-m", "transfusion.cli", args[0], "--ckpt", str(run_dir), *args[1:], *extra],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "%|" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+
+
+def test_generate_stops_at_the_end_of_the_context(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """Text that would run past the model's context stops there instead of overflowing the KV cache."""
+    prompt = " ".join(["word"] * 120)
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", prompt, "--max-new-tokens", "500",
+                 "--temperature", "1.0", "--steps", "2", "--out-dir", str(tmp_path)]) == 0

@@ -75,12 +75,12 @@ def test_fallback_warns_once(monkeypatch, capsys):
         cf.load_split.cache_clear()
     assert len(images) == 3000
     err = capsys.readouterr().err
-    assert err.count("WARNING") == 1 and "apt-get install dataset-fashion-mnist" in err
+    assert err.count("warning:") == 1 and "apt-get install dataset-fashion-mnist" in err
 
 
 @pytest.mark.parametrize("size,k", [(28, 4), (8, 2)])
 def test_numpy_patches_equal_patchify_of_tint(size, k):
-    from transfusion.model.patch import patchify
+    from transfusion.images import patchify
 
     s = cf.colour_fashion_set(Tokenizer.load(), "test", size, use_full_dataset=False)
     idx = np.array([5, 0, 999, 5])

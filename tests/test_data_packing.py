@@ -6,7 +6,7 @@ import torch
 from transfusion.batch import IGNORE
 from transfusion.data.packing import collate, pack_rows
 from transfusion.data.sequences import Layout, Specials, image_document, text_document
-from transfusion.model.patch import patchify
+from transfusion.images import patchify
 from test_data_sequences import N_PATCH, SP, tiny_images
 
 

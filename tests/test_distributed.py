@@ -26,18 +26,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from core_helpers import random_batch  # noqa: E402
 from train_helpers import write_micro_config  # noqa: E402
 
-from transfusion import dcp_checkpoint as dcpc  # noqa: E402
-from transfusion import distributed as D  # noqa: E402
+from transfusion.checkpoint import dcp as dcpc  # noqa: E402
+from transfusion.parallel import process_group as D  # noqa: E402
+from transfusion.model.build import build_model  # noqa: E402
+from transfusion.train.loop import build_training_model  # noqa: E402
+from transfusion.train.step import noise_for_rows, train_step  # noqa: E402
+from transfusion.checkpoint.export import export_from_dcp, export_safetensors  # noqa: E402
 from transfusion.batch import MixedBatch  # noqa: E402
-from transfusion import checkpoint as ck  # noqa: E402
+from transfusion.checkpoint import layout as ck  # noqa: E402
 from transfusion.checkpoint import CheckpointError, load_for_inference  # noqa: E402
 from transfusion.cli import main as cli_main  # noqa: E402
 from transfusion.config import Config, ConfigError, ModelConfig, TrainConfig  # noqa: E402
 from transfusion.diffusion.schedule import NoiseSchedule  # noqa: E402
-from transfusion.ema import EMA  # noqa: E402
+from transfusion.train.ema import EMA  # noqa: E402
 from transfusion.metrics import read_metrics  # noqa: E402
-from transfusion.optim import build_optimizer, lr_at, set_lr  # noqa: E402
-from transfusion.train import split_rows  # noqa: E402
+from transfusion.train.optim import build_optimizer, lr_at, set_lr  # noqa: E402
+from transfusion.train.step import split_rows  # noqa: E402
 
 STEPS, SAVE_AT, ROWS, SEQ = 5, 3, 4, 48
 
@@ -69,16 +73,16 @@ def run_steps(model, opt, cfg: Config, info: D.DistInfo, steps: range, mixed: bo
             on_step(step)
         set_lr(opt, lr_at(step, cfg.train))
         mine = split_rows(global_batch(cfg, step, mixed), info.world_size)[info.rank]
-        r = D.train_step(model, opt, split_rows(mine, cfg.train.grad_accum), schedule, cfg, step,
+        r = train_step(model, opt, split_rows(mine, cfg.train.grad_accum), schedule, cfg, step,
                          info.rank * rows, info)
         out.append({"loss": r.loss, "lm": r.lm_loss, "diff": r.diffusion_loss, "grad_norm": r.grad_norm})
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step=step)
     return out
 
 
 def fresh(cfg: Config, info: D.DistInfo, mesh):
-    model = D.build_model(cfg, info, mesh)
+    model = build_training_model(cfg, info, mesh)
     return model, build_optimizer(model, cfg.train)
 
 
@@ -87,7 +91,7 @@ def fresh(cfg: Config, info: D.DistInfo, mesh):
 
 def _init_check(model, cfg: Config) -> dict[str, float]:
     """Largest difference between the sharded init and the single-process init, params and RoPE buffers."""
-    ref = D.reference_model(cfg.model, cfg.train.seed)
+    ref = build_model(cfg.model, seed=cfg.train.seed)
     ref_p = dict(ref.named_parameters())
     param_diff = max(float((p.full_tensor() - ref_p[n]).abs().max()) for n, p in model.named_parameters())
     rope = max(float((model.rope.cos - ref.rope.cos).abs().max()), float((model.rope.sin - ref.rope.sin).abs().max()))
@@ -112,7 +116,7 @@ def rank_main(out: Path, run1: Path) -> None:
             dcpc.save(out / "run2", step, model, opt, cfg, {"step": step}, ema=ema)
 
     res["a1"] = run_steps(model, opt, cfg, info, range(STEPS), on_step=maybe_save, ema=ema)
-    dcpc.export_safetensors(model, cfg, out / "export2", STEPS, ema=ema)
+    export_safetensors(model, cfg, out / "export2", STEPS, ema=ema)
 
     for name, train in [("a2", dict(grad_accum=2)), ("ac", dict(activation_checkpointing=True))]:
         c = make_cfg(**train)
@@ -229,7 +233,7 @@ def test_export_loads_into_plain_model(runs):
     with torch.no_grad():
         a = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x, t)
         r = ref.eval()(b.tokens, b.image_ids, b.doc_ids, b.positions, x, t)
-    assert torch.allclose(a.logits, r.logits, atol=1e-4) and torch.allclose(a.eps, r.eps, atol=1e-4)
+    assert torch.allclose(a.logits, r.logits, atol=1e-4) and torch.allclose(a.diffusion, r.diffusion, atol=1e-4)
 
 
 def test_export_carries_the_ema(runs):
@@ -240,9 +244,9 @@ def test_export_carries_the_ema(runs):
 
 
 def test_export_from_dcp_offline(runs):
-    out = dcpc.export_from_dcp(runs["tmp"] / "run2", runs["tmp"] / "export_offline")
+    out = export_from_dcp(runs["tmp"] / "run2", runs["tmp"] / "export_offline")
     two, _, _ = load_for_inference(out, use_ema=False)
-    plain = D.reference_model(runs["cfg"].model, 0)
+    plain = build_model(runs["cfg"].model)
     dcpc.load(runs["tmp"] / "run1", plain, None, runs["cfg"])  # the 1-process state at the same step
     for (n, p), (_, q) in zip(two.named_parameters(), plain.named_parameters()):
         assert torch.allclose(p, q, atol=1e-4), n
@@ -251,7 +255,7 @@ def test_export_from_dcp_offline(runs):
 def test_checkpoint_of_other_model_config_is_refused(runs):
     cfg = make_cfg()
     cfg.model = ModelConfig.from_name("micro", dim=32)
-    model = D.reference_model(cfg.model, 0)
+    model = build_model(cfg.model)
     with pytest.raises(CheckpointError, match="model.dim"):
         dcpc.load(runs["tmp"] / "run1", model, build_optimizer(model, cfg.train), cfg)
 
@@ -266,11 +270,11 @@ def test_global_batch_that_does_not_split_is_refused(world, accum, batch):
 def test_noise_is_the_same_whichever_rank_holds_the_row():
     cfg = make_cfg()
     schedule, b = NoiseSchedule(), global_batch(cfg, 0)
-    t_all, n_all = D.noise_for_rows(b, schedule, 0, 7, 0)
-    parts = [D.noise_for_rows(mb, schedule, 0, 7, i) for i, mb in enumerate(split_rows(b, ROWS))]
+    t_all, n_all = noise_for_rows(b, schedule, 0, 7, 0)
+    parts = [noise_for_rows(mb, schedule, 0, 7, i) for i, mb in enumerate(split_rows(b, ROWS))]
     assert torch.equal(torch.cat([p[1] for p in parts]), n_all)
     assert torch.equal(torch.cat([p[0] for p in parts]), t_all)
-    assert not torch.equal(D.noise_for_rows(b, schedule, 0, 8, 0)[1], n_all)  # a new step draws new noise
+    assert not torch.equal(noise_for_rows(b, schedule, 0, 8, 0)[1], n_all)  # a new step draws new noise
 
 
 # ------------------------------------------------------------------------------------------ the CLI end to end

@@ -1,6 +1,6 @@
 import torch
 
-from transfusion.ema import EMA
+from transfusion.train.ema import EMA
 
 
 def test_ema_decay_warms_up_with_the_step():

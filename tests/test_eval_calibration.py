@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from transfusion.images import to_uint8
 from transfusion.data import fashion
 from transfusion.evaluate import alignment, fid
 from transfusion.evaluate.classifier import ClassifierConfig, get_classifier, load_classifier_file, save_classifier
@@ -65,7 +66,7 @@ def test_wrong_colour_scores_zero(classifier, prompts) -> None:
 
 def test_colour_survives_png_round_trip() -> None:
     items, colours = eval_prompts(200, seed=3)
-    x = torch.from_numpy(fashion.to_uint8(real_images(items, colours))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(to_uint8(real_images(items, colours))).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert torch.equal(alignment.read_colours(x)[0], colours)
 
 

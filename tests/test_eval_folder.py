@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from transfusion.images import to_uint8
 from transfusion.data import fashion
 from transfusion.evaluate.classifier import ClassifierConfig, get_classifier
 from transfusion.evaluate.images_folder import load_images_folder, score_images_folder
@@ -19,7 +20,7 @@ QUICK = ClassifierConfig(epochs=1, n_train=12_000)  # same cache entry as test_e
 
 def _write_folder(root: Path, n: int = 24) -> None:
     items, colours = eval_prompts(n, seed=5)
-    imgs = fashion.to_uint8(real_images(items, colours))
+    imgs = to_uint8(real_images(items, colours))
     lines = []
     for k in range(n):
         name = f"img{k:03d}.png"

@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from transfusion import config
-from transfusion.checkpoint import save_checkpoint
+from transfusion.checkpoint.export import save_export
 from transfusion.data import fashion
 from transfusion.evaluate import report as rep
 from transfusion.evaluate.classifier import ClassifierConfig, get_classifier
 from transfusion.evaluate.perplexity import perplexity
 from transfusion.evaluate.ranked import caption_logprobs
-from transfusion.model.patch import patchify
+from transfusion.images import patchify
 from transfusion.tokenizer import Tokenizer
-from transfusion.train import build_model
+from transfusion.model.build import build_model
 
 QUICK = ClassifierConfig(epochs=1, n_train=12_000)  # same cache entry as test_eval_calibration.py
 
@@ -29,7 +29,7 @@ QUICK = ClassifierConfig(epochs=1, n_train=12_000)  # same cache entry as test_e
 def _micro(**model) -> tuple[config.Config, torch.nn.Module]:
     cfg = config.load(None, ["model.preset=micro"] + [f"model.{k}={v}" for k, v in model.items()])
     torch.manual_seed(0)
-    return cfg, build_model(cfg)
+    return cfg, build_model(cfg.model)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_report_end_to_end(tmp_path: Path, tok) -> None:
         pytest.skip("Fashion-MNIST not installed")
     cfg, model = _micro()
     run = tmp_path / "run"
-    save_checkpoint(run, 0, model, cfg, train_state={"step": 0}, tokenizer=tok)
+    save_export(run, 0, model, cfg, tokenizer=tok)
     clf = get_classifier(QUICK, progress=False)
     rep.SUITES["test"] = rep.Suite(n_samples=6, n_captions=4, n_ranked=2, ppl_tokens=256, fid=False)
     try:
@@ -94,7 +94,7 @@ def test_report_end_to_end(tmp_path: Path, tok) -> None:
 
 def test_wrong_config_checkpoint_is_a_clear_error(tmp_path: Path, tok) -> None:
     cfg, model = _micro(image_channels=1)
-    save_checkpoint(tmp_path / "gray", 0, model, cfg, train_state={"step": 0}, tokenizer=tok)
+    save_export(tmp_path / "gray", 0, model, cfg, tokenizer=tok)
     with pytest.raises(rep.EvalError, match="image_channels=1"):
         rep.evaluate(tmp_path / "gray", out=tmp_path / "r.json", progress=False)
 

@@ -4,7 +4,7 @@ from core_helpers import ByteTokenizer, micro_model
 from transfusion.config import ModelConfig
 from transfusion.diffusion.samplers import DiffusionSampler, cfg_combine
 from transfusion.diffusion.schedule import NoiseSchedule
-from transfusion.generate import Decoder, caption_images, generate, generate_images, sample_next
+from transfusion.decoding import Decoder, caption_images, generate, generate_images, sample_next
 
 TK = ByteTokenizer()
 
@@ -31,7 +31,7 @@ def test_batched_cfg_equals_two_separate_passes():
         for dec in (cond, uncond):
             tk, im, dc, ps = dec._image_slots()
             dec._run(tk, im, dc, ps, x.reshape(n, D), t.expand(n), commit=False, logits=False)
-            eps.append(dec.last_eps.view(1, n, D))
+            eps.append(dec.last_out.view(1, n, D))
         x = smp.step(x, cfg_combine(eps[0], eps[1], 3.0), i)
     c = model.cfg
     ref = x.view(1, c.image_size // c.patch_size, c.image_size // c.patch_size, c.image_channels, c.patch_size,

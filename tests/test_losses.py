@@ -32,7 +32,7 @@ def test_diffusion_loss_is_per_image_mean_then_mean_over_images():
 
     x_t, t, noise, img = noised_patches(b, NoiseSchedule(), g)
     with torch.no_grad():
-        eps = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x_t, t).eps
+        eps = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x_t, t).diffusion
     per_image = [((eps[img == k] - noise[img == k]) ** 2).mean() for k in range(b.num_images)]
     assert torch.allclose(out.diffusion_loss, torch.stack(per_image).mean(), atol=1e-6)
     assert torch.allclose(out.loss, out.lm_loss + 5 * out.diffusion_loss)
@@ -42,7 +42,7 @@ def test_text_only_batch_has_zero_diffusion_loss_and_still_backprops():
     model = micro_model()
     b = random_batch(model.cfg, B=2, L=32, seed=0, max_images=0)
     out = transfusion_loss(model, b, NoiseSchedule())
-    assert out.n_images == 0 and float(out.diffusion_loss) == 0.0
+    assert b.num_images == 0 and float(out.diffusion_loss) == 0.0
     out.loss.backward()
     assert model.patch.proj_in.weight.grad is not None  # patch encoder ran on zero patches (SPMD)
 
@@ -98,7 +98,7 @@ def test_v_prediction_loss_regresses_v_with_the_same_draws():
     out = transfusion_loss(model, b, schedule, generator=torch.Generator().manual_seed(0))
     x_t, t, noise, img = noised_patches(b, schedule, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        pred = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x_t, t).eps
+        pred = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x_t, t).diffusion
     a = schedule.abar(t, noise)[:, None]
     v = a.sqrt() * noise - (1 - a).sqrt() * b.patches
     per_image = [((pred[img == k] - v[img == k]) ** 2).mean() for k in range(b.num_images)]

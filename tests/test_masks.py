@@ -73,7 +73,7 @@ def test_flex_model_forward_equals_sdpa_model():
     with torch.no_grad():  # FlexAttention has no backward on CPU
         o1, o2 = sdpa(*args), flex(*args)
     assert (o1.logits - o2.logits).abs().max() < 1e-5
-    assert (o1.eps - o2.eps).abs().max() < 1e-5
+    assert (o1.diffusion - o2.diffusion).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("dtype,grad", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True),
@@ -82,7 +82,7 @@ def test_flex_model_forward_equals_sdpa_model():
 def test_dense_attention_fast_path_equals_sdpa(dtype, grad, q_start, monkeypatch):
     """The explicit CPU attention (bf16; fp32 without autograd) against SDPA on the Transfusion mask, full and
     KV-cached (queries a suffix of the keys): outputs and gradients; fp32 training must be SDPA itself."""
-    from transfusion.model import transformer
+    from transfusion.backends.cpu import attention
 
     model = micro_model()
     b = random_batch(model.cfg, B=2, L=80, seed=5)
@@ -99,12 +99,12 @@ def test_dense_attention_fast_path_equals_sdpa(dtype, grad, q_start, monkeypatch
         return [t.float() for t in (out, *grads)]
 
     ref = run(lambda q_, k_, v_, m: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m))
-    fast = run(transformer.dense_attention)
+    fast = run(attention.MathAttention())
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for a, r in zip(fast, ref):
         assert torch.isfinite(a).all() and (a - r).abs().max() <= tol * r.abs().max()
-    monkeypatch.setattr(transformer, "MATH_ATTENTION_MAX_SCORES", 0)  # too large to hold: SDPA itself
-    for a, r in zip(run(transformer.dense_attention), ref):
+    monkeypatch.setattr(attention, "MAX_SCORES", 0)  # too large to hold: SDPA itself
+    for a, r in zip(run(attention.MathAttention()), ref):
         assert torch.equal(a, r)
 
 
@@ -112,7 +112,7 @@ def test_dense_attention_fast_path_equals_sdpa(dtype, grad, q_start, monkeypatch
 def test_fp32_attention_dispatch_by_size(L, S, math):
     """fp32 without autograd takes the explicit path only for short contexts (L > 1, L * S <= 2^16); one-token
     decoding and long contexts are SDPA itself, bit for bit. Either way the output matches SDPA."""
-    from transfusion.model import transformer
+    from transfusion.backends.cpu import attention
 
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 2, L, 16, generator=g)
@@ -120,8 +120,8 @@ def test_fp32_attention_dispatch_by_size(L, S, math):
     mask = torch.rand(1, 1, L, S, generator=g) > 0.3
     mask[..., 0] = True
     with torch.no_grad():
-        assert transformer._math_attention_wins(q, S) is math
-        out = transformer.dense_attention(q, k, v, mask)
+        assert attention.math_attention_wins(q, S) is math
+        out = attention.MathAttention()(q, k, v, mask)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert torch.equal(out, ref) or math
@@ -133,9 +133,9 @@ def test_attention_bias_built_once_per_mask():
     dropped when the mask is freed, never kept for inference-mode masks."""
     import gc
 
-    from transfusion.model.transformer import _BiasMemo
+    from transfusion.backends.cpu.attention import BiasMemo
 
-    memo = _BiasMemo()
+    memo = BiasMemo()
     mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.4
     mask[..., 0] = True
     a = memo.bias(mask, torch.float32, 3)

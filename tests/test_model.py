@@ -4,7 +4,7 @@ import torch
 from core_helpers import micro_model, one_image_batch, random_batch
 from transfusion.batch import BatchError, MixedBatch
 from transfusion.config import ConfigError, ModelConfig
-from transfusion.model.patch import patchify, unpatchify
+from transfusion.images import patchify, unpatchify
 from transfusion.model.transfusion import Transfusion
 
 
@@ -69,7 +69,7 @@ def test_kv_cached_decoding_equals_uncached(seed, options):
     assert len(bounds) >= 4
     with torch.no_grad():
         full = model(*_args(b, t))
-        eps_full[is_img] = full.eps
+        eps_full[is_img] = full.diffusion
         cache = model.new_cache(2, 64)
         logits = []
         for lo, hi in zip(bounds, bounds[1:]):
@@ -80,7 +80,7 @@ def test_kv_cached_decoding_equals_uncached(seed, options):
             logits.append(o.logits)
             m = torch.zeros_like(is_img)
             m[:, sl] = is_img[:, sl]
-            eps_cached[m] = o.eps
+            eps_cached[m] = o.diffusion
     assert cache.length == 60
     assert (torch.cat(logits, 1) - full.logits).abs().max() < 1e-5
     assert (eps_cached - eps_full).abs().max() < 1e-5
@@ -108,7 +108,7 @@ def test_uncommitted_steps_do_not_change_the_cache():
                            commit=False)
             full = model(tokens, image_ids, docs, pos, x, t)
             assert cache.length == 7
-            assert (cached.eps - full.eps).abs().max() < 1e-5
+            assert (cached.diffusion - full.diffusion).abs().max() < 1e-5
 
 
 def test_future_text_never_changes_past_but_later_patch_changes_earlier_patch():
@@ -123,12 +123,12 @@ def test_future_text_never_changes_past_but_later_patch_changes_earlier_patch():
         b2.tokens[0, -1] = (b2.tokens[0, -1] + 1) % model.cfg.vocab_size
         out2 = model(*_args(b2))
         assert torch.equal(out2.logits[0, :-1], base.logits[0, :-1])
-        assert torch.equal(out2.eps, base.eps)
+        assert torch.equal(out2.diffusion, base.diffusion)
         # change the image's last patch: its first patch's prediction changes (bidirectional within the image)
         b3 = MixedBatch(**{**b.__dict__, "patches": b.patches.clone()})
         b3.patches[-1] += 1.0
         out3 = model(*_args(b3))
-        assert not torch.allclose(out3.eps[0], base.eps[0])
+        assert not torch.allclose(out3.diffusion[0], base.diffusion[0])
         assert torch.equal(out3.logits[0, :first], base.logits[0, :first])  # text before the image unchanged
 
 
@@ -139,7 +139,7 @@ def test_causal_ablation_makes_earlier_patches_blind_to_later_ones():
         base = model(*_args(b))
         b3 = MixedBatch(**{**b.__dict__, "patches": b.patches.clone()})
         b3.patches[-1] += 1.0
-        assert torch.equal(model(*_args(b3)).eps[0], base.eps[0])
+        assert torch.equal(model(*_args(b3)).diffusion[0], base.diffusion[0])
 
 
 def test_documents_do_not_attend_across():
@@ -189,9 +189,9 @@ def test_patch_position_embedding_is_2d_and_position_aware():
     assert torch.cdist(pos, pos).add(torch.eye(len(pos))).min() > 0  # every patch slot distinct
     b = one_image_batch(model.cfg)
     with torch.no_grad():
-        with_pos = model(*_args(b)).eps
+        with_pos = model(*_args(b)).diffusion
         model.patch.pos.zero_()
-        without = model(*_args(b)).eps
+        without = model(*_args(b)).diffusion
     assert not torch.allclose(with_pos, without)
 
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from core_helpers import ByteTokenizer, micro_model, random_batch
 from transfusion.diffusion.schedule import NoiseSchedule
-from transfusion.generate import caption_images, generate_images
-from transfusion.model import onednn
-from transfusion.model.onednn import onednn_linears, packed_linears
+from transfusion.decoding import caption_images, generate_images
+from transfusion.backends.cpu import onednn
+from transfusion.backends.cpu.onednn import onednn_linears, packed_linears
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
 TK = ByteTokenizer()
@@ -68,17 +68,15 @@ def test_fallbacks_keep_autocast_and_fresh_weights():
             assert _close(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
-def test_disabled_nested_and_ineligible_models_leave_forward_alone(monkeypatch):
+def test_disabled_nested_and_ineligible_models_leave_forward_alone():
     lin = nn.Linear(8, 8)
     with packed_linears(lin) as outer:
         with packed_linears(lin) as inner:
             assert outer and inner
         assert "forward" in lin.__dict__  # the inner block must not unpack the outer one's weights
     assert "forward" not in lin.__dict__
-    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
-    with packed_linears(lin) as on:
+    with packed_linears(lin, enabled=False) as on:
         assert not on and "forward" not in lin.__dict__
-    monkeypatch.delenv(onednn.ENV_SWITCH)
     with packed_linears(nn.Linear(8, 8).to(torch.bfloat16)) as on:
         assert not on
 
@@ -97,21 +95,27 @@ def test_model_forward_uncached_and_cached_match_plain():
             cache = model.new_cache(2, 48)
             head = model(*(a[:, :30] for a in args[:4]), b.patches, t, cache=cache).logits
             tail = model(*(a[:, 30:] for a in args[:4]), b.patches, t, cache=cache).logits
-    assert _close(fast.logits, ref.logits, 1e-4) and _close(fast2.eps, ref2.eps, 1e-4)
+    assert _close(fast.logits, ref.logits, 1e-4) and _close(fast2.diffusion, ref2.diffusion, 1e-4)
     assert _close(fast2.logits, ref2.logits, 1e-4)
     assert _close(torch.cat([head, tail], 1), ref.logits, 1e-4)
 
 
-def test_generation_and_captioning_match_the_plain_path(monkeypatch):
+def test_generation_and_captioning_match_the_plain_path():
+    """The inference converters as `transfusion.load` applies them (packed oneDNN + CPU math attention) against
+    the plain model; `uninstall` restores the class forwards."""
+    from transfusion.backends import convert_model
+    from transfusion.config import RuntimeConfig
+
     model, sched = micro_model(vocab_size=TK.vocab_size), NoiseSchedule()
     kw = dict(steps=6, cfg_scale=3.0, sampler="ddim", progress=False, clip_x0=None)
-    fast = generate_images(model, TK, ["a red dress"], sched, generator=torch.Generator().manual_seed(0), **kw)
     imgs = torch.rand(2, 3, 8, 8) * 2 - 1
-    fast_caps = caption_images(model, TK, imgs, max_new_tokens=6)
-    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
     ref = generate_images(model, TK, ["a red dress"], sched, generator=torch.Generator().manual_seed(0), **kw)
+    ref_caps = caption_images(model, TK, imgs, max_new_tokens=6)
+    assert convert_model(model, RuntimeConfig(), inference=True) == ["cpu_math_attention", "onednn_packed"]
+    fast = generate_images(model, TK, ["a red dress"], sched, generator=torch.Generator().manual_seed(0), **kw)
     assert _close(fast, ref, 1e-4)
-    assert caption_images(model, TK, imgs, max_new_tokens=6) == fast_caps
+    assert caption_images(model, TK, imgs, max_new_tokens=6) == ref_caps
+    onednn.uninstall(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
@@ -155,14 +159,14 @@ def test_fused_block_path_runs_and_falls_back_on_changed_weights():
                 fast = model(*args)
             # the fused forward ran: no SwiGLU activation left as a separate op in any block
             assert silu_calls(plain) - silu_calls(prof) == model.cfg.n_layers
-            assert _close(fast.eps, ref.eps, 1e-4) and _close(fast.logits, ref.logits, 1e-4)
+            assert _close(fast.diffusion, ref.diffusion, 1e-4) and _close(fast.logits, ref.logits, 1e-4)
             model.layers[0].ffn.w2.weight.mul_(1.5)  # stale packed copy: the block must use the new weight
             changed = model(*args)
         model.layers[0].ffn.w2.weight.div_(1.5)
         model.layers[0].ffn.w2.weight.mul_(1.5)
         ref_changed = model(*args)
-    assert not _close(changed.eps, ref.eps, 1e-3)
-    assert _close(changed.eps, ref_changed.eps, 1e-4) and _close(changed.logits, ref_changed.logits, 1e-4)
+    assert not _close(changed.diffusion, ref.diffusion, 1e-3)
+    assert _close(changed.diffusion, ref_changed.diffusion, 1e-4) and _close(changed.logits, ref_changed.logits, 1e-4)
 
 
 def test_bf16_autocast_linear_uses_packed_bf16_weights():
@@ -220,6 +224,6 @@ def test_bf16_autocast_model_and_fused_swiglu_match_autocast():
     model_changed_ref = run()
     assert silu_calls(plain) - silu_calls(prof) == model.cfg.n_layers  # every block's SwiGLU was fused
     for a, r in ((fast, ref), (changed, model_changed_ref)):
-        assert a.eps.dtype == r.eps.dtype and a.logits.dtype == r.logits.dtype
-        assert _close(a.eps.float(), r.eps.float(), 3e-2) and _close(a.logits.float(), r.logits.float(), 3e-2)
-    assert not _close(changed.eps.float(), ref.eps.float(), 3e-2)
+        assert a.diffusion.dtype == r.diffusion.dtype and a.logits.dtype == r.logits.dtype
+        assert _close(a.diffusion.float(), r.diffusion.float(), 3e-2) and _close(a.logits.float(), r.logits.float(), 3e-2)
+    assert not _close(changed.diffusion.float(), ref.diffusion.float(), 3e-2)

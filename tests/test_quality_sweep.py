@@ -33,7 +33,7 @@ def test_one_variant_trains_and_is_scored(tmp_path):
         pytest.skip("Fashion-MNIST not installed")
     rec = quality_sweep.run_variant(
         str(ROOT / "configs" / "tiny.toml"), "v",
-        ["diffusion.prediction=v", "eval.sample_steps=2", "train.batch_size=2", "train.ckpt_every=1"],
+        ["diffusion.prediction=v", "diffusion.sample_steps=2", "train.batch_size=2", "train.ckpt_every=1"],
         tmp_path, steps=1, n=4, device="cpu", clf=get_classifier(QUICK, progress=False))
     assert rec["steps"] == 1 and rec["ema"] is None  # the demo config trains without EMA
     assert rec["raw"]["n"] == 4 and 0.0 <= rec["raw"]["both"] <= 1.0

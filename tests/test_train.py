@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfusion import checkpoint as ck
+from transfusion.checkpoint import layout as ck
 from transfusion import config
-from transfusion import dcp_checkpoint as dcpc
-from transfusion.distributed import reference_model
+from transfusion.checkpoint import dcp as dcpc
+from transfusion.checkpoint.export import save_export
+from transfusion.model.build import build_model
 from transfusion.metrics import read_metrics
 from transfusion.train import TrainingDiverged, train
 
@@ -45,7 +46,7 @@ def test_thirty_steps_loss_falls(tmp_path) -> None:
 def _weights(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(training weights, EMA or None) of a run's latest (DCP) checkpoint, read on one process."""
     ckpt = ck.resolve(run)
-    model = reference_model(ck.read_config(ckpt).model, seed=0)
+    model = build_model(ck.read_config(ckpt).model)
     ema = dcpc.load_into_plain(ckpt, model)
     return model.state_dict(), ema
 
@@ -85,7 +86,7 @@ def test_kill9_and_resume_gives_identical_losses(tmp_path) -> None:
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch) -> None:
-    import transfusion.losses as losses
+    import transfusion.train.step as losses  # the trainer step calls its transfusion_loss
 
     real = losses.transfusion_loss
     calls = {"n": 0}
@@ -108,7 +109,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch) -> None:
 
 
 def test_too_many_bad_steps_stop_the_run(tmp_path, monkeypatch) -> None:
-    import transfusion.losses as losses
+    import transfusion.train.step as losses  # the trainer step calls its transfusion_loss
 
     real = losses.transfusion_loss
 
@@ -133,7 +134,7 @@ def test_resume_errors(tmp_path) -> None:
         train(config.load(cfg_path, ["model.n_layers=3", "train.steps=6"]), tmp_path / "run", resume=True,
               progress=False)
     # a single-file export has no optimiser shards: it samples, but cannot resume training
-    export = ck.save_checkpoint(tmp_path / "exported", 4, reference_model(config.load(cfg_path).model, 0),
+    export = save_export(tmp_path / "exported", 4, build_model(config.load(cfg_path).model),
                                 config.load(cfg_path))
     with pytest.raises(ck.CheckpointError, match="single-file"):
         train(config.load(cfg_path, ["train.steps=6"]), export.parent.parent, resume=True, progress=False)

@@ -12,10 +12,10 @@ import torch.nn as nn
 
 from transfusion.batch import MixedBatch, make_lm_targets
 from transfusion.config import TrainConfig
-from transfusion.ema import EMA
+from transfusion.train.ema import EMA
 from transfusion.metrics import MetricsLogger, make_grid, plot_loss_curve, read_metrics, save_image_grid
-from transfusion.optim import build_optimizer, lr_at, param_groups
-from transfusion.train import split_rows
+from transfusion.train.optim import build_optimizer, lr_at, param_groups
+from transfusion.train.step import split_rows
 
 
 class Toy(nn.Module):
@@ -152,15 +152,22 @@ def test_image_grid(tmp_path) -> None:
     assert math.isfinite(float(images.sum()))
 
 
-def test_tune_malloc_applies_on_glibc_and_can_be_switched_off():
-    """Process-global, so it runs in a fresh interpreter: mallopt must accept both settings here (glibc)."""
+def test_tune_malloc_applies_on_glibc_and_can_be_switched_off(monkeypatch):
+    """Process-global, so it runs in a fresh interpreter: mallopt must accept both settings here (glibc);
+    `[runtime] tune_malloc = false` keeps setup_process from calling it."""
     import subprocess
     import sys
 
-    code = "from transfusion.runtime import tune_malloc; print(tune_malloc())"
+    from transfusion import backends
+    from transfusion.config import RuntimeConfig
+
+    code = "from transfusion.backends.cpu.runtime import tune_malloc; print(tune_malloc())"
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "TRANSFUSION_MALLOC": "0"}).stdout.strip()
-    assert off == "False"
     if sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc":
         assert on == "True"
+    calls: list[int] = []
+    monkeypatch.setattr(backends, "tune_malloc", lambda: calls.append(1))
+    backends.setup_process(RuntimeConfig(tune_malloc=False))
+    assert calls == []
+    backends.setup_process(RuntimeConfig())
+    assert calls == [1]

@@ -7,7 +7,7 @@ from core_helpers import micro_model, random_batch
 from transfusion.config import ModelConfig
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.losses import transfusion_loss
-from transfusion.model.patch import patchify
+from transfusion.images import patchify
 from transfusion.model.transfusion import Transfusion
 from transfusion.model.patch import UNetPatch
 
@@ -85,7 +85,7 @@ def test_untrained_unet_model_predicts_zero_eps_and_text_only_batches_backprop()
     model.init_weights()
     b = random_batch(model.cfg, B=2, L=48, seed=3)
     with torch.no_grad():
-        eps = model(b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, torch.full((b.patches.shape[0],), 9)).eps
+        eps = model(b.tokens, b.image_ids, b.doc_ids, b.positions, b.patches, torch.full((b.patches.shape[0],), 9)).diffusion
     assert eps.abs().max() == 0
     text = random_batch(model.cfg, B=2, L=32, seed=0, max_images=0)
     transfusion_loss(model, text, NoiseSchedule()).loss.backward()

@@ -22,11 +22,14 @@ warmup_steps = 5
 log_every = 1
 ckpt_every = {ckpt_every}
 sample_n = 0
-threads = 1  # tiny matmuls gain nothing from 2 threads, and a busy machine makes OMP spin-waits costly
 {extra}
 
-[eval]
+[diffusion]
 sample_steps = 4
+sampler = "ddim"
+
+[runtime]
+threads = 1  # tiny matmuls gain nothing from 2 threads, and a busy machine makes OMP spin-waits costly
 """
 
 

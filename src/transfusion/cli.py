@@ -1,7 +1,8 @@
 """`transfusion` command line: prepare, train, export, sample, caption, generate, eval.
 
-Errors a user can fix (bad config key, missing data, corrupt checkpoint, diverged run, bad image) print one
-`error: ...` line and exit with status 2 — no traceback. Set TRANSFUSION_DEBUG=1 to get the traceback anyway.
+Errors a user can fix (bad config key, missing data, corrupt checkpoint, diverged run, bad image, a prompt longer
+than the model's context, an out-of-range option) print one `error: ...` line and exit with status 2 — no
+traceback. Set TRANSFUSION_DEBUG=1 (env.py) to get the traceback anyway.
 Under torchrun (`torchrun --nproc_per_node=N -m transfusion.cli train ...`) every rank runs the same command;
 rank 0 alone prints the summary and the error line (every rank hits the same user error, and exits 2).
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from transfusion import config as config_mod
+from transfusion import env
 
 
 class CLIError(RuntimeError):
@@ -29,10 +30,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from transfusion.batch import BatchError
     from transfusion.checkpoint import CheckpointError
     from transfusion.data.fashion import DatasetMissing
+    from transfusion.data.folder import FolderDatasetError
+    from transfusion.decoding import GenerationError
+    from transfusion.images import ImageReadError
     from transfusion.train import TrainingDiverged
 
     errors: list[type[BaseException]] = [
-        config_mod.ConfigError, CheckpointError, DatasetMissing, TrainingDiverged, BatchError, CLIError,
+        config_mod.ConfigError, CheckpointError, DatasetMissing, FolderDatasetError, TrainingDiverged, BatchError,
+        CLIError, GenerationError, ImageReadError,
     ]
     try:
         from transfusion.tokenizer import TokenizerError
@@ -46,38 +51,24 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _load(ckpt: str, no_ema: bool) -> tuple[Any, config_mod.Config, Any]:
-    from transfusion.checkpoint import load_for_inference, tokenizer_path_for
-    from transfusion.tokenizer import Tokenizer
+def _load(args: argparse.Namespace) -> Any:
+    """The checkpoint of --ckpt through transfusion.inference.load, with its process settings applied."""
+    from transfusion.backends import setup_process
+    from transfusion.inference import load
 
-    from transfusion.runtime import setup_cpu_runtime
-
-    model, cfg, path = load_for_inference(ckpt, use_ema=not no_ema)
-    setup_cpu_runtime(cfg.train.threads)
-    return model, cfg, Tokenizer.load(tokenizer_path_for(path, cfg))
+    loaded = load(args.ckpt, use_ema=not args.no_ema)
+    setup_process(loaded.config.runtime)
+    return loaded
 
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def read_image(path: str, cfg: config_mod.ModelConfig) -> torch.Tensor:
-    """A PNG/JPEG -> (1, C, H, W) in [-1, 1] at the model's resolution; CLIError if it is not an image."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if cfg.image_channels == 3 else "L").resize(
-                (cfg.image_size, cfg.image_size), Image.BILINEAR
-            )
-            arr = np.asarray(im, dtype=np.float32)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"cannot read image {path}: {e}") from None
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, C, H, W)
-    return x / 127.5 - 1.0
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise CLIError(f"{name} must be at least 1, got {value}")
+    return value
 
 
 def _save_images(images: torch.Tensor, path: Path, scale: int) -> None:
@@ -89,24 +80,19 @@ def _save_images(images: torch.Tensor, path: Path, scale: int) -> None:
 # ------------------------------------------------------------------------------------------ commands
 
 
-def _is_rank0() -> bool:
-    """Rank 0 of a torchrun job, or a plain process (torchrun sets RANK for every worker)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from transfusion.train import train
 
     cfg = config_mod.load(args.config, args.set)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    if _is_rank0():
+    if env.is_rank0():
         print(json.dumps(summary, indent=1))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Training checkpoint (DCP shards, any world size) -> one model.safetensors (+ ema.safetensors) checkpoint."""
-    from transfusion.dcp_checkpoint import export_from_dcp
+    from transfusion.checkpoint import export_from_dcp
 
     path = export_from_dcp(args.ckpt, args.out)
     print(f"wrote {path}")
@@ -115,30 +101,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.generate import generate_images
+    from transfusion.decoding import generate_images, sampling_args
 
-    model, cfg, tok = _load(args.ckpt, args.no_ema)
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    with torch.no_grad(), _precision(model, args.precision):
-        images = generate_images(
-            model, tok, [args.prompt] * args.n, schedule,
-            steps=args.steps or cfg.eval.sample_steps,
-            cfg_scale=cfg.eval.cfg_scale if args.cfg is None else args.cfg,
-            sampler=args.sampler or cfg.eval.sampler.value,
-            generator=_generator(args.seed), progress=True,
-        )
+    _positive("--n", args.n)
+    m = _load(args)
+    sampling = sampling_args(m.config.diffusion, args.steps, args.cfg, args.sampler)
+    with torch.no_grad(), _precision(m.model, args.precision):
+        images = generate_images(m.model, m.tokenizer, [args.prompt] * args.n,
+                                 NoiseSchedule.from_config(m.config.diffusion), generator=_generator(args.seed),
+                                 progress=True, **sampling)
     _save_images(images, Path(args.out), args.scale)
     print(f"wrote {args.out} ({args.n} image{'s' if args.n > 1 else ''} for {args.prompt!r})")
     return 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from transfusion.generate import caption_images
+    from transfusion.decoding import caption_images
+    from transfusion.images import read_image
 
-    model, cfg, tok = _load(args.ckpt, args.no_ema)
-    images = torch.cat([read_image(p, cfg.model) for p in args.image])
-    with torch.no_grad(), _precision(model, args.precision):
-        captions = caption_images(model, tok, images, max_new_tokens=args.max_new_tokens)
+    _positive("--max-new-tokens", args.max_new_tokens)
+    m = _load(args)
+    c = m.config.model
+    images = torch.stack([read_image(p, c.image_size, c.image_channels) for p in args.image])
+    with torch.no_grad(), _precision(m.model, args.precision):
+        captions = caption_images(m.model, m.tokenizer, images, max_new_tokens=args.max_new_tokens)
     for path, text in zip(args.image, captions):
         print(text if len(args.image) == 1 else f"{path}\t{text}")
     return 0
@@ -146,16 +132,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.generate import generate
+    from transfusion.decoding import generate, sampling_args
 
-    model, cfg, tok = _load(args.ckpt, args.no_ema)
+    _positive("--max-new-tokens", args.max_new_tokens)
+    m = _load(args)
     out_dir = Path(args.out_dir)
-    with torch.no_grad(), _precision(model, args.precision):
+    sampling = sampling_args(m.config.diffusion, args.steps, args.cfg)
+    with torch.no_grad(), _precision(m.model, args.precision):
         parts = generate(
-            model, tok, args.prompt, NoiseSchedule.from_config(cfg.diffusion),
-            max_new_tokens=args.max_new_tokens, steps=args.steps or cfg.eval.sample_steps,
-            cfg_scale=cfg.eval.cfg_scale if args.cfg is None else args.cfg, sampler=cfg.eval.sampler.value,
-            temperature=args.temperature, generator=_generator(args.seed),
+            m.model, m.tokenizer, args.prompt, NoiseSchedule.from_config(m.config.diffusion),
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            generator=_generator(args.seed), **sampling,
         )
     pieces, n_img = [args.prompt], 0
     for part in parts:
@@ -173,8 +160,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Report what the data pipeline will use: dataset location (or how to get it) and the tokenizer."""
     from transfusion.data.fashion import fashion_dir
+    from transfusion.data.registry import get_dataset
 
     cfg = config_mod.load(args.config, args.set)
+    print(f"dataset: {get_dataset(cfg.data).describe()}")
     root = fashion_dir()
     print(f"Fashion-MNIST: {root or 'not installed (sudo apt-get install dataset-fashion-mnist; or make data)'}")
     print(f"use_full_dataset = {cfg.data.use_full_dataset}")
@@ -250,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG path (a grid when --n > 1)")
     p.add_argument("--n", type=int, default=1)
-    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: eval.sample_steps)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: eval.cfg_scale)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: diffusion.sample_steps)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: diffusion.cfg_scale)")
     p.add_argument("--sampler", choices=[s.value for s in config_mod.Sampler], default=None)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling for viewing")
     p.set_defaults(func=cmd_sample)
@@ -267,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 -> greedy (the paper's text decoding)")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps per image (default: eval.sample_steps)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale for images (default: eval.cfg_scale)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps per image (default: diffusion.sample_steps)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale for images (default: diffusion.cfg_scale)")
     p.add_argument("--out-dir", default=".", help="where generated images are saved")
     p.add_argument("--name", default="generated", help="image file name prefix")
     p.add_argument("--scale", type=int, default=4)
@@ -289,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except known as e:
-        if os.environ.get("TRANSFUSION_DEBUG"):
+        if env.debug():
             raise
-        if _is_rank0():
+        if env.is_rank0():
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

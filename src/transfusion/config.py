@@ -1,8 +1,14 @@
 """Typed configuration: one source of truth for model, diffusion, data, training and evaluation.
 
 A run is described by a TOML file whose tables mirror the dataclasses below ([model], [diffusion], [data],
-[train], [eval]) plus dotted overrides (`--set train.lr=1e-3`). Unknown keys are errors that list the valid
-keys, so a typo never silently falls back to a default.
+[train], [eval], [runtime]) plus dotted overrides (`--set train.lr=1e-3`). Unknown keys are errors that list the
+valid keys, so a typo never silently falls back to a default.
+
+Sampling settings live in one place, [diffusion] (sample_steps, sampler, cfg_scale), and every command that
+samples (the trainer's grids, `sample`, `generate`, `eval`, the demo) reads them there. [runtime] holds how a
+process executes (threads, allocator, CPU kernels), never what it computes.
+
+Keys that moved keep loading (`LEGACY_KEYS`): a checkpoint written before the move reads as it sampled then.
 """
 
 from __future__ import annotations
@@ -140,14 +146,22 @@ class DiffusionConfig:
     schedule: str = "cosine"  # Nichol & Dhariwal 2021, s = 0.008
     prediction: Prediction = Prediction.EPSILON  # what the patch decoder outputs; the loss is MSE on it
     noise_limit: int = 500  # max t for images that come before their caption (paper §4.3.4)
+    # sampling: the one place every command reads (trainer grids, sample, generate, eval, demo)
     sample_steps: int = 250  # paper §4.1: 250 of the 1000 training steps
     sampler: Sampler = Sampler.DDPM
     cfg_scale: float = 3.0  # paper §4.3 ablations use 3 (§4.2 uses 5)
 
+    def __post_init__(self) -> None:
+        self.prediction = Prediction(self.prediction)
+        self.sampler = Sampler(self.sampler)
+        if not 1 <= self.sample_steps <= self.num_train_steps:
+            raise ConfigError(f"diffusion.sample_steps={self.sample_steps}: expected 1..{self.num_train_steps} "
+                              "(diffusion.num_train_steps)")
+
 
 @dataclass
 class DataConfig:
-    dataset: str = "colour_fashion"  # colour_fashion | folder
+    dataset: str = "colour_fashion"  # a name in data/registry.py: colour_fashion | folder
     folder: str = ""  # for dataset = "folder": DIR with images + captions.jsonl
     tokenizer: str = ""  # path to tokenizer.json; "" -> the shipped one
     seq_len: int = 256  # packed row length
@@ -176,7 +190,6 @@ class TrainConfig:
     bf16: bool = False
     ema: float = 0.0  # 0 -> no EMA
     seed: int = 0
-    threads: int = 0  # 0 -> torch default
     log_every: int = 10
     sample_every: int = 0  # 0 -> only at the end
     ckpt_every: int = 200
@@ -196,10 +209,17 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    n_samples: int = 160
-    sample_steps: int = 50
-    sampler: Sampler = Sampler.DDIM
-    cfg_scale: float = 3.0
+    n_samples: int = 160  # sampling settings: [diffusion]
+
+
+@dataclass
+class RuntimeConfig:
+    """How a process runs (backends/): threads, allocator, CPU kernels. Results are the same up to rounding."""
+
+    threads: int = 0  # intra-op threads; 0 -> torch's default
+    tune_malloc: bool = True  # glibc: keep freed activation buffers in the heap (backends/cpu/runtime.py)
+    onednn: bool = True  # CPU fp32 Linears through oneDNN; packed weights at inference (backends/cpu/onednn.py)
+    math_attention: bool = True  # CPU: explicit matmul-softmax-matmul where it beats SDPA (backends/cpu/attention.py)
 
 
 @dataclass
@@ -209,6 +229,18 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# Keys that moved: old name -> new name. Old run directories and checkpoints keep loading; where both are given
+# the old key wins only if it was the one honoured before the move (the [eval] sampling keys were; [diffusion]'s
+# were read by nothing), so a checkpoint samples exactly as it did.
+LEGACY_KEYS: dict[str, str] = {
+    "train.threads": "runtime.threads",
+    "eval.sample_steps": "diffusion.sample_steps",
+    "eval.sampler": "diffusion.sampler",
+    "eval.cfg_scale": "diffusion.cfg_scale",
+}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -288,8 +320,21 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return from_dict(raw)
 
 
+def _migrate(raw: dict[str, Any]) -> None:
+    """Move LEGACY_KEYS to their new place in the raw tables (in place)."""
+    for old, new in LEGACY_KEYS.items():
+        (s_old, k_old), (s_new, k_new) = old.split("."), new.split(".")
+        table = raw.get(s_old)
+        if isinstance(table, dict) and k_old in table:
+            value = table.pop(k_old)
+            raw.setdefault(s_new, {})[k_new] = value
+            if not table:
+                raw.pop(s_old)
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    _migrate(raw)
     model_raw = raw.pop("model", {})
     preset = model_raw.pop("preset", None)
     try:
@@ -298,6 +343,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         _apply(cfg.model, model_raw, "model.")
         cfg.model.__post_init__()  # re-validate after overrides
         _apply(cfg, raw, "")
+        cfg.diffusion.__post_init__()
     except TypeError as e:
         raise ConfigError(str(e)) from None
     return cfg

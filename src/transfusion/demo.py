@@ -2,8 +2,9 @@
 
     python -m transfusion.demo --config configs/tiny.toml --out runs/demo
 
-Writes into OUT: the run (checkpoints/, metrics.jsonl, loss_curve.png), `grid.png` (every item in every colour,
-held-out combinations framed in red), `captions.png` + captions in summary.json (real test images -> text),
+Writes into OUT: the run (checkpoints/, metrics.jsonl, loss_curve.png), `grid.png` (the dataset's prompt grid:
+for colour fashion every item in every colour, held-out combinations framed in red), `captions.png` + captions
+in summary.json (real test images -> text),
 `shakespeare.txt` (a text continuation) and `summary.json` (timings, losses, scores). Rerunning resumes the
 finished run instead of training again.
 """
@@ -21,41 +22,40 @@ import torch
 
 from transfusion import config as config_mod
 from transfusion.data import fashion
+from transfusion.data.registry import get_dataset
+from transfusion.log import log
 from transfusion.metrics import add_labels, make_grid, read_metrics, save_png
 
 HELDOUT_BORDER = (255, 0, 0)
 SHAKESPEARE_PROMPT = "DUNCAN:\nWhat news, my lord?\n\nMACBETH:\n"
 
 
-def _data_source(cfg: config_mod.Config) -> str:
-    if cfg.data.use_full_dataset and fashion.fashion_dir() is not None:
-        return f"full Fashion-MNIST from {fashion.fashion_dir()}"
-    return "committed subset (src/transfusion/assets/fashion_subset.npz); `make data` installs the full set"
-
-
 def draw_grid(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, seed: int) -> dict[str, Any]:
-    """Items (rows) x colours (columns), one sample each, DDIM + CFG from the eval config."""
+    """The dataset's prompt grid, one sample per cell, sampled with the config's [diffusion] settings."""
     from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.generate import generate_images
+    from transfusion.decoding import generate_images, sampling_args
 
-    combos = [(i, c) for i in range(len(fashion.ITEMS)) for c in range(len(fashion.COLOUR_NAMES))]
-    prompts = [fashion.caption(i, c) for i, c in combos]
+    grid_spec = get_dataset(cfg.data).prompt_grid()
+    if grid_spec is None:
+        return {}
+    sampling = sampling_args(cfg.diffusion)
     t0 = time.perf_counter()
     with torch.no_grad():
         images = generate_images(
-            model, tokenizer, prompts, NoiseSchedule.from_config(cfg.diffusion), steps=cfg.eval.sample_steps,
-            cfg_scale=cfg.eval.cfg_scale, sampler=cfg.eval.sampler.value,
-            generator=torch.Generator().manual_seed(seed), progress=True,
+            model, tokenizer, grid_spec.prompts, NoiseSchedule.from_config(cfg.diffusion),
+            generator=torch.Generator().manual_seed(seed), progress=True, **sampling,
         ).float().cpu()
     wall = time.perf_counter() - t0
-    borders = [HELDOUT_BORDER if combo in fashion.HELDOUT else None for combo in combos]
+    borders = [HELDOUT_BORDER if m else None for m in grid_spec.marked] if grid_spec.marked else None
     scale, pad = 3, 2
-    grid = make_grid(images, nrow=len(fashion.COLOUR_NAMES), scale=scale, pad=pad, borders=borders)
+    grid = make_grid(images, nrow=grid_spec.ncols, scale=scale, pad=pad, borders=borders)
     cell = (cfg.model.image_size * scale + 2 * pad, cfg.model.image_size * scale + 2 * pad)
-    save_png(add_labels(grid, list(fashion.ITEMS), list(fashion.COLOUR_NAMES), cell), out / "grid.png")
-    result: dict[str, Any] = {"prompts": len(prompts), "sample_wall_s": round(wall, 1),
-                              "sampler": f"{cfg.eval.sampler.value} {cfg.eval.sample_steps} steps, CFG {cfg.eval.cfg_scale}"}
-    result.update(_colour_scores(images, combos))
+    save_png(add_labels(grid, grid_spec.row_labels, grid_spec.col_labels, cell), out / "grid.png")
+    result: dict[str, Any] = {"prompts": len(grid_spec.prompts), "sample_wall_s": round(wall, 1),
+                              "sampler": f"{sampling['sampler']} {sampling['steps']} steps, CFG {sampling['cfg_scale']}"}
+    if cfg.data.dataset == "colour_fashion":
+        combos = [(i, c) for i in range(len(fashion.ITEMS)) for c in range(len(fashion.COLOUR_NAMES))]
+        result.update(_colour_scores(images, combos))
     return result
 
 
@@ -74,30 +74,29 @@ def _colour_scores(images: torch.Tensor, combos: list[tuple[int, int]]) -> dict[
 
 
 def caption_real(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, n: int = 16) -> dict[str, Any]:
-    """Caption real tinted test images; report how many name the right item and colour."""
-    from transfusion.data.colour_fashion import fashion_examples
-    from transfusion.generate import caption_images
+    """Caption real test images of the dataset; for colour fashion, report how many name item and colour."""
+    from transfusion.decoding import caption_images
 
-    ex = fashion_examples("test", n=n, seed=0, size=cfg.model.image_size, use_full_dataset=cfg.data.use_full_dataset)
+    ex = get_dataset(cfg.data).examples("test", n, seed=0, image_size=cfg.model.image_size)
+    if ex is None:
+        return {"examples": []}
     with torch.no_grad():
         captions = caption_images(model, tokenizer, ex.images)
     save_png(make_grid(ex.images, nrow=8, scale=3), out / "captions.png")
     rows = [{"truth": t, "caption": c} for t, c in zip(ex.captions, captions)]
     result: dict[str, Any] = {"examples": rows}
-    try:
+    if {"items", "colours"} <= set(ex.labels):
         from transfusion.evaluate.cider import parse_caption
 
         parsed = [parse_caption(c) for c in captions]
-        both = [p == (int(i), int(c)) for p, i, c in zip(parsed, ex.items, ex.colours)]
+        both = [p == (int(i), int(c)) for p, i, c in zip(parsed, ex.labels["items"], ex.labels["colours"])]
         result["item_and_colour_right"] = round(sum(both) / len(both), 3)
-    except ImportError:
-        pass
     return result
 
 
 def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path) -> str:
     from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.generate import generate
+    from transfusion.decoding import generate
 
     with torch.no_grad():
         parts = generate(model, tokenizer, SHAKESPEARE_PROMPT, NoiseSchedule.from_config(cfg.diffusion),
@@ -108,30 +107,31 @@ def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path)
 
 
 def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any]:
-    from transfusion.checkpoint import find_latest, load_for_inference, tokenizer_path_for
-    from transfusion.tokenizer import Tokenizer
-    from transfusion.runtime import setup_cpu_runtime
+    from transfusion.backends import setup_process
+    from transfusion.checkpoint import find_latest
+    from transfusion.inference import load
     from transfusion.train import train
 
     t0 = time.perf_counter()
     cfg = config_mod.load(config_path, overrides)
-    print(f"demo: data = {_data_source(cfg)}", file=sys.stderr)
+    source = get_dataset(cfg.data).describe()
+    log.info(f"demo: data = {source}")
     train_summary = train(cfg, out, resume=find_latest(out) is not None)  # a rerun reuses the finished run
     t_train = time.perf_counter() - t0
 
-    model, cfg, ckpt = load_for_inference(out, use_ema=True)
-    setup_cpu_runtime(cfg.train.threads)
-    tokenizer = Tokenizer.load(tokenizer_path_for(ckpt, cfg))
-    print("demo: drawing every item in every colour ...", file=sys.stderr)
+    loaded = load(out, use_ema=True)
+    setup_process(loaded.config.runtime)
+    model, tokenizer, cfg, ckpt = loaded.model, loaded.tokenizer, loaded.config, loaded.path
+    log.info("demo: drawing the prompt grid ...")
     grid = draw_grid(model, tokenizer, cfg, out, seed=cfg.train.seed)
-    print("demo: captioning real test images ...", file=sys.stderr)
+    log.info("demo: captioning real test images ...")
     captions = caption_real(model, tokenizer, cfg, out)
     text = continue_text(model, tokenizer, cfg, out)
     recs = [r for r in read_metrics(out / "metrics.jsonl") if isinstance(r.get("tokens_per_s"), (int, float))]
     rates = [r["tokens_per_s"] for r in recs[1:]] or [0.0]  # the first window includes warm-up
     summary = {
         "config": config_path,
-        "data": _data_source(cfg),
+        "data": source,
         "checkpoint": str(ckpt),
         "train": train_summary,
         "train_tokens_per_s_median": sorted(rates)[len(rates) // 2],
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = run_demo(args.config, Path(args.out), args.set)
     except _known_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
     print(f"\ndemo done in {s['total_wall_s']:.0f} s (training {s['train_wall_s']:.0f} s, "
           f"{s['train_tokens_per_s_median']:,.0f} tokens/s)")

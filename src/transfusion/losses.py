@@ -29,10 +29,6 @@ class LossOutput:
     loss: Tensor  # scalar to backpropagate
     lm_loss: Tensor  # scalar, mean over text targets (detached)
     diffusion_loss: Tensor  # scalar, mean over images (detached)
-    lm_sum: Tensor  # sum of token losses (detached), for global averaging
-    diffusion_sum: Tensor  # sum of per-image losses (detached)
-    n_text_targets: int
-    n_images: int
 
 
 def noised_patches(batch: MixedBatch, schedule: NoiseSchedule, generator: torch.Generator | None = None,
@@ -40,7 +36,7 @@ def noised_patches(batch: MixedBatch, schedule: NoiseSchedule, generator: torch.
     """Draw per-image timesteps and noise; return (x_t (P, D), t (P,), noise (P, D), image of each patch (P,)).
 
     `draw` = (t per image (N,), noise (P, D)) supplied by the caller instead: data-parallel training draws them
-    per global row so that N ranks use exactly the noise one process would (distributed.noise_for_rows)."""
+    per global row so that N ranks use exactly the noise one process would (train/step.py: noise_for_rows)."""
     patch_image = batch.image_ids[batch.image_ids >= 0]  # (P,) image index of each patch, reading order
     if draw is not None:
         t_img, noise = draw[0], draw[1].to(batch.patches)
@@ -71,7 +67,7 @@ def transfusion_loss(
 
     n_img = batch.num_images
     target = schedule.target(batch.patches.float(), noise.float(), t)  # (P, D): eps, or v (an option)
-    per_value = (out.eps.float() - target).pow(2)  # (P, D)
+    per_value = (out.diffusion.float() - target).pow(2)  # (P, D)
     sums = torch.zeros(n_img, device=per_value.device).index_add(0, patch_image, per_value.sum(-1))
     counts = torch.bincount(patch_image, minlength=n_img).clamp(min=1) * per_value.shape[-1]
     diff_sum = (sums / counts).sum()  # sum over images of each image's mean squared error
@@ -83,8 +79,4 @@ def transfusion_loss(
         loss=lm_weight * lm + diffusion_weight * diff,
         lm_loss=lm.detach(),
         diffusion_loss=diff.detach(),
-        lm_sum=lm_sum.detach(),
-        diffusion_sum=diff_sum.detach(),
-        n_text_targets=int(targets.numel()),
-        n_images=n_img,
     )

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from transfusion.data.fashion import to_uint8
+from transfusion.images import to_uint8
 
 
 class MetricsLogger:
@@ -63,8 +63,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Total, LM and diffusion losses against step (log y), written atomically."""
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, prediction: str = "epsilon") -> None:
+    """Total, LM and diffusion losses against step (log y), written atomically. `prediction` names what the
+    diffusion loss regresses (diffusion.prediction: "epsilon" or "v")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +73,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> None:
 
     recs = [r for r in read_metrics(metrics_path) if "loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, label in (("loss", "total"), ("lm_loss", "LM (text)"), ("diffusion_loss", "diffusion (eps MSE)")):
+    for key, label in (("loss", "total"), ("lm_loss", "LM (text)"), ("diffusion_loss", f"diffusion ({'eps' if prediction == 'epsilon' else prediction} MSE)")):
         pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and r[key] > 0]
         if pts:
             ax.plot(*zip(*pts), label=label)

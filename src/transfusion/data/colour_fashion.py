@@ -1,4 +1,5 @@
-"""Colour fashion examples: which colour each Fashion-MNIST image gets, and where the images come from.
+"""The colour fashion dataset (`data.dataset = "colour_fashion"`): which colour each Fashion-MNIST image gets,
+where the images come from, and its prompts, grid and examples for the rest of the project (dataset.py).
 
 Every image gets one fixed colour, a hash of (split, index in the original split), so the same image has the
 same colour in the full dataset and in the committed subset, on every machine and every rank. Training images
@@ -12,7 +13,6 @@ Images come from the Debian package (`use_full_dataset = true` and installed) or
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,11 @@ import torch
 from torch import Tensor
 
 from transfusion.data import fashion
-from transfusion.data.image_text import ImageTextSet
+from transfusion.config import ConfigError
+from transfusion.data.dataset import Dataset, Examples, PromptGrid
+from transfusion.data.image_text import ImageTextSet, SkipStats, numpy_patchify
+from transfusion.images import resize
+from transfusion.log import log
 
 SUBSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "fashion_subset.npz"
 _SPLIT_SALT = {"train": 0x5EED_0001, "test": 0x5EED_0002}
@@ -62,9 +66,9 @@ _warned: set[str] = set()
 def _warn_fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        print(f"WARNING: {reason}; using the committed Fashion-MNIST subset {SUBSET_PATH.name} "
-              "(300 train + 100 test images per item). For the full 70k images run "
-              "`sudo apt-get install dataset-fashion-mnist` (or `make data`).", file=sys.stderr)
+        log.warning(f"{reason}; using the committed Fashion-MNIST subset {SUBSET_PATH.name} "
+                    "(300 train + 100 test images per item). For the full 70k images run "
+                    "`sudo apt-get install dataset-fashion-mnist` (or `make data`).")
 
 
 @functools.lru_cache(maxsize=4)
@@ -84,7 +88,40 @@ def load_split(split: str, use_full_dataset: bool) -> tuple[np.ndarray, np.ndarr
         return (z[f"{split}_images"], z[f"{split}_labels"].astype(np.int64), z[f"{split}_index"].astype(np.int64))
 
 
-def colour_fashion_set(tokenizer, split: str, image_size: int, use_full_dataset: bool) -> ImageTextSet:
+class TintedImageSet(ImageTextSet):
+    """Gray items (N, 1, 28, 28) uint8 with a colour id each, tinted on render exactly as `fashion.tint`."""
+
+    def __init__(self, colours: Tensor, **kw) -> None:
+        super().__init__(**kw)
+        if self.pixels.shape[1] != 1:
+            raise ValueError("tinted sets store gray pixels (N, 1, H, W)")
+        self.colours = colours  # (N,) long
+        self._rgb = fashion.colour_table().numpy()  # (8, 3) float32
+        self._gray: np.ndarray | None = None  # (N, S, S) float32 in [0, 1], resized once when S != 28
+        if self.pixels.shape[-1] != self.image_size:
+            self._gray = np.concatenate([resize(self.pixels[i:i + 4096].float().div(255.0), self.image_size)[:, 0]
+                                         .numpy() for i in range(0, len(self.pixels), 4096)])
+
+    @property
+    def channels(self) -> int:
+        return 3
+
+    def render(self, idx: Tensor | np.ndarray) -> Tensor:
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return fashion.tint(self.pixels[idx][:, 0].numpy(), self.colours[idx].numpy(), self.image_size)
+
+    def patches(self, idx: np.ndarray, patch_size: int) -> Tensor:
+        idx = np.asarray(idx, dtype=np.int64)
+        if self._gray is not None:
+            g = self._gray[idx]
+        else:
+            g = self.pixels.numpy()[idx, 0].astype(np.float32) / np.float32(255.0)  # (n, S, S)
+        rgb = self._rgb[self.colours.numpy()[idx]]  # (n, 3)
+        x = g[:, None] * rgb[:, :, None, None]  # (n, 3, S, S), as fashion.tint
+        return numpy_patchify(np.clip(x * np.float32(2.0) - np.float32(1.0), -1.0, 1.0), patch_size)
+
+
+def colour_fashion_set(tokenizer, split: str, image_size: int, use_full_dataset: bool) -> TintedImageSet:
     """The colour fashion ImageTextSet of a split; captions of every template, tokenized once."""
     images, labels, index = load_split(split, use_full_dataset)
     colours = assign_colours(index, labels, split)
@@ -93,7 +130,7 @@ def colour_fashion_set(tokenizer, split: str, image_size: int, use_full_dataset:
     flat = tokenizer.encode_batch([t for alts in texts for t in alts])
     k = len(fashion.TEMPLATES)
     caption_sets = [[np.asarray(ids, dtype=np.int64) for ids in flat[j * k:(j + 1) * k]] for j in range(len(texts))]
-    return ImageTextSet(
+    return TintedImageSet(
         pixels=torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1),  # (N, 1, 28, 28)
         caption_of=labels * n_col + colours,
         caption_sets=caption_sets,
@@ -132,3 +169,39 @@ def fashion_examples(split: str = "test", n: int = 160, seed: int = 0, size: int
         colours=torch.from_numpy(colours[pick]),
         captions=[fashion.caption(int(i), int(c)) for i, c in zip(labels[pick], colours[pick])],
     )
+
+
+class ColourFashion(Dataset):
+    """Fashion-MNIST items tinted in 8 colours; 8 (item, colour) combinations held out of training."""
+
+    name = "colour_fashion"
+    eval_suite = "colour_fashion"  # item classifier + colour reader + FID (evaluate/)
+
+    def image_set(self, tokenizer, split: str, image_size: int, channels: int) -> tuple[ImageTextSet, SkipStats]:
+        if channels != 3:
+            raise ConfigError(f"the colour_fashion dataset gives RGB images; set model.image_channels = 3 (got {channels})")
+        images = colour_fashion_set(tokenizer, split, image_size, self.data.use_full_dataset)
+        return images, SkipStats(used=len(images))
+
+    def sample_prompts(self, n: int) -> list[str]:
+        """Item i in colour 3i mod 8: consecutive prompts cover the items and the colours."""
+        return [fashion.caption(i % len(fashion.ITEMS), (i * 3) % len(fashion.COLOUR_NAMES)) for i in range(n)]
+
+    def prompt_grid(self) -> PromptGrid:
+        """Every item (rows) in every colour (columns); held-out combinations marked."""
+        combos = [(i, c) for i in range(len(fashion.ITEMS)) for c in range(len(fashion.COLOUR_NAMES))]
+        return PromptGrid(
+            prompts=[fashion.caption(i, c) for i, c in combos], ncols=len(fashion.COLOUR_NAMES),
+            row_labels=list(fashion.ITEMS), col_labels=list(fashion.COLOUR_NAMES),
+            marked=[combo in fashion.HELDOUT for combo in combos],
+        )
+
+    def examples(self, split: str, n: int, seed: int, image_size: int) -> Examples:
+        ex = fashion_examples(split, n=n, seed=seed, size=image_size, use_full_dataset=self.data.use_full_dataset)
+        return Examples(ex.images, ex.captions, {"items": ex.items, "colours": ex.colours})
+
+    def describe(self) -> str:
+        if self.data.use_full_dataset and fashion.fashion_dir() is not None:
+            return f"colour fashion: full Fashion-MNIST from {fashion.fashion_dir()}"
+        return ("colour fashion: committed subset (src/transfusion/assets/fashion_subset.npz); "
+                "`make data` installs the full set")

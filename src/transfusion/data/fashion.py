@@ -4,19 +4,21 @@ This module is the single definition of the items, colours, captions and held-ou
 pipeline, the demo and the evaluation scorers all read them from here.
 
 Source images come from the Debian package `dataset-fashion-mnist` (four IDX .gz files) or any folder holding
-the same files (`TRANSFUSION_FASHION_DIR`). Train/test split follows Fashion-MNIST's own.
+the same files (`TRANSFUSION_FASHION_DIR`, see env.py). Train/test split follows Fashion-MNIST's own.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from transfusion.env import fashion_dir_override
+from transfusion.images import from_unit, resize
 
 ITEMS: tuple[str, ...] = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -85,7 +87,7 @@ def all_captions(item: int, colour: int) -> list[str]:
 
 
 def fashion_dir() -> Path | None:
-    for d in (os.environ.get("TRANSFUSION_FASHION_DIR"), DEBIAN_DIR):
+    for d in (fashion_dir_override(), DEBIAN_DIR):
         if d and all((Path(d) / f).is_file() for pair in FILES.values() for f in pair):
             return Path(d)
     return None
@@ -133,16 +135,8 @@ def colour_table() -> Tensor:
 def tint(gray: Tensor | np.ndarray, colour: Tensor | np.ndarray, size: int = 28) -> Tensor:
     """Tint grayscale items with colours: (N, 28, 28) uint8 + (N,) colour ids -> (N, 3, size, size) in [-1, 1].
 
-    The item's intensity scales the colour, the background stays black; `size` != 28 resizes bilinearly.
-    """
-    g = torch.as_tensor(np.array(gray)).float().div(255.0).unsqueeze(1)  # (N, 1, 28, 28)
-    if size != g.shape[-1]:
-        g = torch.nn.functional.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)
+    The item's intensity scales the colour, the background stays black; `size` != 28 resizes by the project's
+    one rule (images.resize)."""
+    g = resize(torch.as_tensor(np.array(gray)).float().div(255.0).unsqueeze(1), size)  # (N, 1, size, size)
     rgb = colour_table()[torch.as_tensor(np.asarray(colour)).long()]  # (N, 3)
-    return (g * rgb[:, :, None, None]).mul(2.0).sub(1.0).clamp(-1.0, 1.0)
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, for PNGs and scorers."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return from_unit(g * rgb[:, :, None, None])

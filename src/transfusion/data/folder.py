@@ -1,7 +1,8 @@
 """A user's own image-caption folder: `DIR/captions.jsonl` + image files (also `data.dataset = "folder"`).
 
     DIR/captions.jsonl   one JSON object per line: {"image": "cat.png", "caption": "a cat on a mat"}
-    DIR/cat.png          any format Pillow reads; converted to RGB, resized to model.image_size (square)
+    DIR/cat.png          any format Pillow reads; converted to RGB, centre-cropped and resized to model.image_size
+                         (images.py: the project's one rule)
 
 Bad entries are skipped, never silently eaten: each is counted by reason in `SkipStats`, whose `summary()` the
 trainer prints at the end of a run. A folder with nothing usable is an error that names the reasons.
@@ -10,61 +11,21 @@ trainer prints at the end of a run. A folder with nothing usable is an error tha
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from transfusion.data.image_text import ImageTextSet
-from transfusion.tokenizer import Tokenizer
+from transfusion.config import ConfigError
+from transfusion.data.dataset import Dataset
+from transfusion.data.image_text import ImageTextSet, SkipStats
+from transfusion.images import ImageReadError, read_uint8
 
 CAPTIONS_FILE = "captions.jsonl"
 
 
 class FolderDatasetError(ValueError):
     """The folder cannot be used at all (no captions.jsonl, or no usable example)."""
-
-
-@dataclass
-class SkipStats:
-    """Skipped inputs by reason (`bad_line`, `missing_file`, `unreadable_image`, `empty_caption`,
-    `caption_too_long`), with a few example locations per reason for the report."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    used: int = 0
-
-    def skip(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 3:
-            self.examples[reason].append(where)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        if not self.total:
-            return f"data: {self.used} examples used, none skipped"
-        parts = [f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in sorted(self.counts.items())]
-        return f"data: {self.used} examples used, {self.total} skipped: " + "; ".join(parts)
-
-    def to_dict(self) -> dict:
-        return {"used": self.used, "skipped": dict(self.counts)}
-
-
-def _load_image(path: Path, size: int) -> np.ndarray | None:
-    """(3, size, size) uint8, or None when Pillow cannot decode the file (corrupt, truncated, not an image)."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
 
 
 def _parse_line(line: str) -> tuple[str, str] | None:
@@ -78,7 +39,7 @@ def _parse_line(line: str) -> tuple[str, str] | None:
     return entry["image"], cap.strip() if isinstance(cap, str) else ""
 
 
-def load_folder(root: str | Path, tokenizer: Tokenizer, image_size: int,
+def load_folder(root: str | Path, tokenizer, image_size: int,
                 max_caption_tokens: int) -> tuple[ImageTextSet, SkipStats]:
     """Read DIR/captions.jsonl and its images -> (ImageTextSet, SkipStats). Raises FolderDatasetError."""
     root = Path(root)
@@ -109,11 +70,11 @@ def load_folder(root: str | Path, tokenizer: Tokenizer, image_size: int,
         if not path.is_file():
             stats.skip("missing_file", f"{where} ({name})")
             continue
-        img = _load_image(path, image_size)
-        if img is None:
+        try:
+            pixels.append(read_uint8(path, image_size, channels=3))
+        except ImageReadError:
             stats.skip("unreadable_image", f"{where} ({name})")
             continue
-        pixels.append(img)
         captions.append([np.asarray(ids, dtype=np.int64)])
     stats.used = len(pixels)
     if not pixels:
@@ -126,3 +87,36 @@ def load_folder(root: str | Path, tokenizer: Tokenizer, image_size: int,
         name=f"folder:{root}",
     )
     return images, stats
+
+
+class FolderDataset(Dataset):
+    """A user's folder (`data.folder`): DIR/captions.jsonl + images; the same examples serve both splits."""
+
+    name = "folder"
+
+    def _root(self) -> Path:
+        if not self.data.folder:
+            raise ConfigError('data.dataset = "folder" needs data.folder = DIR (images + captions.jsonl)')
+        return Path(self.data.folder)
+
+    def image_set(self, tokenizer, split: str, image_size: int, channels: int) -> tuple[ImageTextSet, SkipStats]:
+        if channels != 3:
+            raise ConfigError(f"the folder dataset gives RGB images; set model.image_channels = 3 (got {channels})")
+        return load_folder(self._root(), tokenizer, image_size, self.data.max_caption_tokens)
+
+    def sample_prompts(self, n: int) -> list[str]:
+        """The first `n` distinct non-empty captions of captions.jsonl."""
+        index = self._root() / CAPTIONS_FILE
+        if not index.is_file():
+            return []
+        seen: list[str] = []
+        for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+            parsed = _parse_line(line) if line.strip() else None
+            if parsed and parsed[1] and parsed[1] not in seen:
+                seen.append(parsed[1])
+                if len(seen) == n:
+                    break
+        return seen
+
+    def describe(self) -> str:
+        return f"folder {self._root()}"

@@ -16,11 +16,10 @@ import numpy as np
 
 from transfusion.batch import MixedBatch
 from transfusion.config import Config, ConfigError
-from transfusion.data.colour_fashion import colour_fashion_set
-from transfusion.data.folder import SkipStats, load_folder
-from transfusion.data.image_text import ImageTextSet
+from transfusion.data.image_text import ImageTextSet, SkipStats
 from transfusion.data.mixture import DocumentSampler, MixtureSpec
 from transfusion.data.packing import collate, pack_rows
+from transfusion.data.registry import get_dataset
 from transfusion.data.sequences import Specials
 from transfusion.data.text_corpus import TokenCorpus, shakespeare_corpus
 from transfusion.tokenizer import Tokenizer
@@ -37,22 +36,12 @@ class DataSources:
 
 
 def load_sources(cfg: Config, tokenizer: Tokenizer, split: str) -> DataSources:
-    """Images (colour fashion or a user folder) and text (Shakespeare) of a split, as the config asks."""
+    """Images (the dataset `data.dataset` names) and text (Shakespeare) of a split, as the config asks."""
     d, m = cfg.data, cfg.model
     stats = SkipStats()
     images: ImageTextSet | None = None
     if d.text_ratio < 1:
-        if m.image_channels != 3:
-            raise ConfigError(f"the {d.dataset!r} dataset gives RGB pixels; set model.image_channels = 3")
-        if d.dataset == "colour_fashion":
-            images = colour_fashion_set(tokenizer, split, m.image_size, d.use_full_dataset)
-            stats.used = len(images)
-        elif d.dataset == "folder":
-            if not d.folder:
-                raise ConfigError('data.dataset = "folder" needs data.folder = DIR (images + captions.jsonl)')
-            images, stats = load_folder(d.folder, tokenizer, m.image_size, d.max_caption_tokens)  # both splits
-        else:
-            raise ConfigError(f"data.dataset={d.dataset!r}: expected 'colour_fashion' or 'folder'")
+        images, stats = get_dataset(d).image_set(tokenizer, split, m.image_size, m.image_channels)
     corpus = shakespeare_corpus(tokenizer, split) if d.text_ratio > 0 else None
     return DataSources(images, corpus, stats)
 
@@ -107,7 +96,9 @@ class Loader:
     def batch_at(self, step: int) -> MixedBatch:
         rows = self.plan(step)[self.rank * self.rows:(self.rank + 1) * self.rows]
         m = self.cfg.model
-        return collate(rows, self.seq_len, self.specials.pad, self.sources.images, m.patch_size, m.image_channels)
+        batch = collate(rows, self.seq_len, self.specials.pad, self.sources.images, m.patch_size, m.image_channels)
+        batch.validate(m.patch_dim, m.patches_per_image, m.vocab_size)  # a data bug fails here, named, not in a step
+        return batch
 
     def __iter__(self) -> "Loader":
         return self

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.data import shakespeare
+from transfusion.env import cache_dir
 from transfusion.tokenizer import Tokenizer
 
 
@@ -43,12 +44,6 @@ class TokenCorpus:
         if k >= 0 and int(self.line_starts[k]) > start + max_tokens // 2:  # cut at a line end, keeping >= half
             return self.ids[start:int(self.line_starts[k])], True
         return self.ids[start:end], False
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("TRANSFUSION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transfusion")
-    return Path(base)
 
 
 def build_corpus(tokenizer: Tokenizer, texts: list[str]) -> TokenCorpus:

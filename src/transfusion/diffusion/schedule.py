@@ -69,10 +69,6 @@ class NoiseSchedule:
         a = self.abar(t, x_t).unsqueeze(-1)
         return (1 - a).sqrt() * x_t + a.sqrt() * pred
 
-    def predict_x0(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        a = self.abar(t, x_t).unsqueeze(-1)
-        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-
     def sample_timesteps(self, max_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Uniform integer t in [0, max_t] per image; max_t (N,) implements the §4.3.4 noise limit."""
         max_t = max_t.clamp(0, self.num_steps - 1)

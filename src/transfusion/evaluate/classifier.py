@@ -29,14 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transfusion.data import fashion
+from transfusion.env import cache_dir
 
 _VERSION = 1  # bump when the architecture or preprocessing changes, so old caches are not reused
-
-
-def cache_dir() -> Path:
-    """$TRANSFUSION_CACHE, else ~/.cache/transfusion."""
-    env = os.environ.get("TRANSFUSION_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "transfusion"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Layout: DIR/prompts.jsonl, one JSON object per line, e.g.
     {"image": "x.png", "prompt": "a red sneaker", "item": 7, "colour": 0}
 `item` / `colour` are optional: when absent they are parsed from the prompt (evaluate/cider.parse_caption).
-Images of any size/mode are read with Pillow, converted to RGB and resized to 28 x 28.
+Images of any size/mode are read by the project's one rule (images.read_image: RGB, centre crop, antialiased
+bicubic) at 28 x 28.
 
 Bad input never crashes a run: an unreadable line, a missing or corrupt image, or a prompt naming no known
 item/colour is skipped and counted under `skipped` in the result.
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from transfusion.data import fashion
 from transfusion.evaluate.cider import parse_caption
+from transfusion.images import ImageReadError, read_image
 
 PROMPTS_FILE = "prompts.jsonl"
 
@@ -36,19 +38,6 @@ class FolderSamples:
     files: list[str]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     n_lines: int = 0
-
-
-def read_image(path: Path, size: int = 28) -> Tensor:
-    """One image file -> (3, size, size) in [-1, 1]. Raises on unreadable / corrupt files."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()  # decode fully now, so truncated files fail here
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
 
 
 def _label(entry: dict[str, Any], key: str, parsed: int, n: int) -> int:
@@ -100,8 +89,8 @@ def load_images_folder(folder: str | Path, size: int = 28, prompts_file: str = P
             skipped["missing_image"] += 1
             continue
         try:
-            images.append(read_image(path, size))
-        except Exception:  # Pillow raises many types for broken files; all mean "corrupt"
+            images.append(read_image(path, size, channels=3))
+        except ImageReadError:
             skipped["corrupt_image"] += 1
             continue
         items.append(item)

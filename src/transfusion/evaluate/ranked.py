@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.data import fashion
-from transfusion.model.onednn import packed_linears
 
 COMBOS: tuple[tuple[int, int], ...] = tuple(
     (i, c) for i in range(len(fashion.ITEMS)) for c in range(len(fashion.COLOUR_NAMES))
@@ -42,7 +41,7 @@ def caption_logprobs(model, tokenizer, image: Tensor, captions: list[str]) -> Te
     teacher-forced token by token in lock-step (shorter ones padded at the end, which cannot affect their
     scores under the causal mask).
     """
-    from transfusion.generate import Decoder
+    from transfusion.decoding import Decoder
 
     tk = tokenizer
     seqs = [tk.encode(c) + [tk.eos_id] for c in captions]
@@ -73,12 +72,11 @@ def ranked_accuracy(
     captions = [fashion.caption(i, c, template) for i, c in COMBOS]
     combos = torch.tensor(COMBOS)  # (80, 2)
     right = item_ok = colour_ok = 0
-    with packed_linears(model):  # packed once for all images (CPU fp32 fast path, model/onednn.py)
-        for img, i, c in tqdm(list(zip(images, items.tolist(), colours.tolist())), desc="ranked",
-                              disable=not progress, leave=False):
-            best = combos[int(caption_logprobs(model, tokenizer, img, captions).argmax())]
-            item_ok += int(best[0]) == i
-            colour_ok += int(best[1]) == c
-            right += int(best[0]) == i and int(best[1]) == c
+    for img, i, c in tqdm(list(zip(images, items.tolist(), colours.tolist())), desc="ranked",
+                          disable=not progress, leave=False):
+        best = combos[int(caption_logprobs(model, tokenizer, img, captions).argmax())]
+        item_ok += int(best[0]) == i
+        colour_ok += int(best[1]) == c
+        right += int(best[0]) == i and int(best[1]) == c
     n = max(len(images), 1)
     return RankedResult(right / n, item_ok / n, colour_ok / n, len(images), len(captions))

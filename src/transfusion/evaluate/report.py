@@ -46,11 +46,14 @@ class EvalError(RuntimeError):
 
 
 def _check_model(cfg) -> None:
-    m = cfg.model
-    if m.image_channels != 3:
+    """The suite scores colour-fashion images: the dataset of the checkpoint's config must say it applies."""
+    from transfusion.data.registry import get_dataset
+
+    if get_dataset(cfg.data).eval_suite != "colour_fashion" or cfg.model.image_channels != 3:
         raise EvalError(
-            f"the evaluation suite scores RGB colour-fashion images, but this checkpoint's model has "
-            f"image_channels={m.image_channels} (a different config); score its samples with --images instead"
+            f"the evaluation suite scores RGB colour-fashion images, but this checkpoint was trained on "
+            f"data.dataset={cfg.data.dataset!r} with model.image_channels={cfg.model.image_channels}; "
+            "score its samples with --images instead"
         )
 
 
@@ -60,7 +63,7 @@ def generate_for_prompts(model, tok, cfg, items: Tensor, colours: Tensor, steps:
     from tqdm.auto import tqdm
 
     from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.generate import generate_images
+    from transfusion.decoding import generate_images
 
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     prompts = [fashion.caption(int(i), int(c)) for i, c in zip(items, colours)]
@@ -116,7 +119,7 @@ def _text_metrics(report, timings, model, tok, cfg, suite: Suite, seed: int, pro
     from transfusion.evaluate.perplexity import heldout_perplexity
     from transfusion.evaluate.ranked import ranked_accuracy
     from transfusion.evaluate.reference import eval_prompts, real_images
-    from transfusion.generate import caption_images
+    from transfusion.decoding import caption_images
 
     size = cfg.model.image_size
     items, colours = eval_prompts(suite.n_captions, seed=seed + 1)
@@ -142,13 +145,12 @@ def _text_metrics(report, timings, model, tok, cfg, suite: Suite, seed: int, pro
 
 
 def load_model(ckpt_dir: str | Path, use_ema: bool = True):
-    """(model, config, tokenizer, checkpoint path) via the project's checkpoint loader."""
-    from transfusion.checkpoint import load_for_inference, tokenizer_path_for
-    from transfusion.tokenizer import Tokenizer
+    """(model, config, tokenizer, checkpoint path) via transfusion.inference.load."""
+    from transfusion.inference import load
 
-    model, cfg, path = load_for_inference(ckpt_dir, use_ema=use_ema)
-    _check_model(cfg)
-    return model, cfg, Tokenizer.load(tokenizer_path_for(path, cfg)), path
+    m = load(ckpt_dir, use_ema=use_ema)
+    _check_model(m.config)
+    return m.model, m.config, m.tokenizer, m.path
 
 
 def evaluate(
@@ -170,9 +172,10 @@ def evaluate(
     start, timings = time.time(), {}
     model, cfg, tok, path = load_model(ckpt_dir, use_ema)
     clf = classifier or _timed(timings, "classifier", get_classifier, progress=progress)
-    steps = steps or cfg.eval.sample_steps
-    cfg_scale = cfg.eval.cfg_scale if cfg_scale is None else cfg_scale
-    sampler = sampler or cfg.eval.sampler.value
+    from transfusion.decoding import sampling_args
+
+    sampling = sampling_args(cfg.diffusion, steps, cfg_scale, sampler)
+    steps, cfg_scale, sampler = sampling["steps"], sampling["cfg_scale"], sampling["sampler"]
     report: dict[str, Any] = {
         "checkpoint": str(path), "suite": suite, "n_samples": spec.n_samples, "sampler": sampler,
         "steps": steps, "cfg": cfg_scale, "seed": seed, "ema": use_ema,
@@ -264,9 +267,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="fast: a few minutes on 2 cores; full: for long runs (default: fast)")
     p.add_argument("--n", type=int, default=None, help="generated samples (and captioned images)")
     p.add_argument("--out", default="eval/report.json", help="JSON report path (grids and .md written beside it)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: eval.sample_steps)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: eval.cfg_scale)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: eval.sampler")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: diffusion.sample_steps)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: diffusion.sampler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--no-fid", action="store_true", help="skip the Inception FID (the slowest metric)")
@@ -274,9 +277,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of `transfusion eval`; prints the markdown summary, returns the exit code."""
-    from transfusion.runtime import tune_malloc
+    from transfusion.backends import setup_process
+    from transfusion.config import RuntimeConfig
 
-    tune_malloc()
+    setup_process(RuntimeConfig())  # the default process settings; the checkpoint's kernels come with its load
     if args.images:
         report = score_folder(args.images, args.out, with_fid=not args.no_fid)
     else:

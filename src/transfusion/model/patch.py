@@ -20,31 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.config import ModelConfig, PatchEncoder
-
-
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """(N, C, H, W) -> (N, (H/k)*(W/k), C*k*k), raster order; each vector is (C, k, k) flattened."""
-    N, C, H, W = images.shape
-    k = patch_size
-    if H % k or W % k:
-        raise ValueError(f"image of {H}x{W} cannot be cut into {k}x{k} patches")
-    x = images.reshape(N, C, H // k, k, W // k, k)
-    x = x.permute(0, 2, 4, 1, 3, 5)  # (N, H/k, W/k, C, k, k)
-    return x.reshape(N, (H // k) * (W // k), C * k * k)
-
-
-def unpatchify(patches: Tensor, patch_size: int, channels: int, height: int, width: int) -> Tensor:
-    """Inverse of `patchify`: (N, n, C*k*k) -> (N, C, H, W)."""
-    N, n, D = patches.shape
-    k = patch_size
-    if D != channels * k * k or n != (height // k) * (width // k):
-        raise ValueError(
-            f"patches of shape {tuple(patches.shape)} do not form {channels}x{height}x{width} images "
-            f"in {k}x{k} patches"
-        )
-    x = patches.reshape(N, height // k, width // k, channels, k, k)
-    x = x.permute(0, 3, 1, 4, 2, 5)  # (N, C, H/k, k, W/k, k)
-    return x.reshape(N, channels, height, width)
+from transfusion.images import patchify, unpatchify
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:

@@ -1,14 +1,15 @@
 """Llama-style transformer blocks: RMSNorm, RoPE, multi-head attention, SwiGLU (paper §4.1 follows Llama).
 
-Pure nn.Modules: nothing here knows about training, data, diffusion or distribution. Attention takes either a
-dense bool mask (scaled_dot_product_attention, CPU and GPU, with backward everywhere) or a FlexAttention
-BlockMask (GPU training); both come from the same rule in masks.py.
+Pure nn.Modules: nothing here knows about training, data, diffusion, kernels or distribution. Attention takes
+either a dense bool mask (its `dense_kernel`, scaled_dot_product_attention unless a backend swaps in an equal
+one; CPU and GPU, with backward everywhere) or a FlexAttention BlockMask (GPU training); both come from the same
+rule in masks.py.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -33,73 +34,11 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
-MATH_ATTENTION_MAX_SCORES = 1 << 24  # B*H*L*S; above it the explicit scores (and bias) cost too much memory
-MATH_ATTENTION_FP32_MAX_LS = 1 << 16  # L*S; fp32 above it (or L = 1): the flash kernel is faster
-
-
-def _math_attention_wins(q: Tensor, S: int) -> bool:
-    """Whether the explicit matmul-softmax-matmul beats SDPA's flash kernel for these (CPU) shapes.
-
-    Measured on 2 cores (interleaved): bf16 forward + backward at 8 × 303 tokens 19 vs 37 ms per layer (flash
-    in bf16 is slow there). fp32 without autograd: ahead at short contexts (2 × 68 prefill 0.22 vs 0.28 ms;
-    a 30-step CFG sample with a 68-token prompt, L × S = 196 × 264, even to 3% ahead), behind beyond that
-    (196 × 708 and 708 × 708: flash 0.6–0.95× the time) and for one-token decoding (0.7×)."""
-    B, H, L, _ = q.shape
-    if q.device.type != "cpu" or B * H * L * S > MATH_ATTENTION_MAX_SCORES:
-        return False
-    if q.dtype == torch.bfloat16:
-        return True
-    return not torch.is_grad_enabled() and L > 1 and L * S <= MATH_ATTENTION_FP32_MAX_LS
-
-
-class _BiasMemo:
-    """The additive attention bias (0 / -inf, expanded over the heads) of the last mask seen.
-
-    Every layer of a forward passes the same mask object, so the bias is built once per forward instead of once
-    per layer (~130 µs a layer for a CFG diffusion step of the benchmark model; a 30-step fp32 sample 2.2% faster
-    in an in-process A/B). Keyed by the mask object (weakly: the entry is dropped when the mask is freed), its
-    version counter (an in-place change rebuilds it), dtype and head count. Inference-mode masks (no version
-    counter) and compiled code skip it."""
-
-    def __init__(self) -> None:
-        self.entry: tuple[weakref.ref, tuple, Tensor] | None = None
-
-    def bias(self, mask: Tensor, dtype: torch.dtype, heads: int) -> Tensor:
-        """mask (B, 1, L, S) bool -> (B*heads, L, S) additive bias."""
-        cacheable = not mask.is_inference() and not torch.compiler.is_compiling()
-        key = (mask._version, dtype, heads) if cacheable else None
-        entry = self.entry
-        if cacheable and entry is not None and entry[0]() is mask and entry[1] == key:
-            return entry[2]
-        B, _, L, S = mask.shape
-        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        bias = bias.expand(B, heads, L, S).reshape(B * heads, L, S)
-        if cacheable:
-            self.entry = (weakref.ref(mask, self._drop), key, bias)
-        return bias
-
-    def _drop(self, ref: weakref.ref) -> None:
-        entry = self.entry
-        if entry is not None and entry[0] is ref:
-            self.entry = None
-
-
-_bias_memo = _BiasMemo()
-
-
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention with a dense bool mask: q (B, H, L, hd), k/v (B, H, S, hd), mask (B, 1, L, S) -> (B, H, L, hd).
 
-    SDPA, except on CPU where `_math_attention_wins`: there an explicit baddbmm (the mask as an additive bias,
-    fused into the score matmul) - softmax - bmm, whose matmuls run at GEMM speed. Every query sees at least
-    itself under the Transfusion mask, so no softmax row is all -inf.
-    """
-    B, H, L, hd = q.shape
-    S = k.shape[2]
-    if _math_attention_wins(q, S):
-        scores = torch.baddbmm(_bias_memo.bias(mask, q.dtype, H), q.reshape(B * H, L, hd),
-                               k.reshape(B * H, S, hd).transpose(1, 2), alpha=hd**-0.5)  # (B*H, L, S)
-        return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, S, hd)).view(B, H, L, hd)
+    The model's reference kernel. Backends may give an Attention module another `dense_kernel` with the same
+    signature and result (backends/cpu/attention.py); the model itself never chooses kernels."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -158,7 +97,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -
     return torch.mul(x, cos, out=out).addcmul_(rot, sin)
 
 
+DenseKernel = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (q, k, v, bool mask) -> out
+
+
 class Attention(nn.Module):
+    dense_kernel: DenseKernel = staticmethod(sdpa_attention)  # a backend may set another per instance
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.n_heads, self.head_dim, self.layer_id = cfg.n_heads, cfg.head_dim, layer_id
@@ -186,7 +130,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_id, k, v)  # (B, H, S, hd) with the cached prefix
         if isinstance(mask, Tensor):
-            out = dense_attention(q, k, v, mask)
+            out = self.dense_kernel(q, k, v, mask)
         else:
             out = _flex_attention(q, k, v, mask)
         return out.transpose(1, 2).reshape(B, L, D)

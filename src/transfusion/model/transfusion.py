@@ -3,7 +3,7 @@
     h = embed(tokens) at text positions, patch_encoder(x_t, t) at image positions    (B, L, dim)
     h = blocks(h, mask)                     causal + bidirectional within images (masks.py)
     logits = lm_head(norm(h))[logits_mask]  (n_sel, V)
-    eps    = patch_decoder(h[image positions])  (P, D)
+    diffusion = patch_decoder(h[image positions])  (P, D): eps or v, as diffusion.prediction says
 
 The network is f(tokens, x_t, t); the diffusion process (noising, sampling) lives in transfusion.diffusion and
 the objective in transfusion.losses.
@@ -28,7 +28,7 @@ class ModelOutput(NamedTuple):
     """A NamedTuple, hence a pytree: FSDP2 finds the output tensors to hook the root's pre-backward unshard on."""
 
     logits: Tensor  # (n_sel, V) at logits_mask positions, or (B, L, V) when no mask was given
-    eps: Tensor  # (P, D) diffusion output at the image positions, reading order: eps (or v, diffusion.prediction)
+    diffusion: Tensor  # (P, D) at the image positions, reading order: predicted eps, or v (diffusion.prediction)
 
 
 class Transfusion(nn.Module):
@@ -89,8 +89,8 @@ class Transfusion(nn.Module):
             cache.commit(tokens.shape[1])
         h = self.norm(h)
         text_h = h if logits_mask is None else h[logits_mask]  # (B, L, dim) or (n_sel, dim)
-        eps = self.patch.decode(h[is_img], patch_ctx)  # (P, D)
-        return ModelOutput(logits=self.lm_head(text_h), eps=eps)
+        pred = self.patch.decode(h[is_img], patch_ctx)  # (P, D)
+        return ModelOutput(logits=self.lm_head(text_h), diffusion=pred)
 
     def _mask(self, image_ids: Tensor, doc_ids: Tensor, cache: KVCache | None):
         bidirectional = self.cfg.attention_mask == AttentionMask.TRANSFUSION

@@ -1,33 +1,28 @@
-"""Sharded training checkpoints with torch.distributed.checkpoint (DCP): save on N ranks, resume on M.
+"""The training checkpoint format: torch.distributed.checkpoint (DCP), saved on N ranks, resumed on M.
 
-The trainer's one checkpoint format, for every run (a plain single process writes one shard file).
-
-Same directory scheme as checkpoint.py, so `find_latest`, `resolve` and `verify` work on both kinds:
+The trainer's one checkpoint format, for every run (a plain single process writes one shard file), in the
+directory scheme of layout.py:
 
     RUN/checkpoints/step_XXXXXXXX/
         dcp/.metadata, dcp/__R_0.distcp   model, optimiser moments, EMA and RNG tensors; each rank writes its
                                            shards and DCP reshards on load, so the world size may change
         train_state.json                   trainer counters, loader position, optimiser hyper-parameters
-        config.toml  tokenizer.json  manifest.json (written last: size + sha256 of every file)
-    RUN/checkpoints/latest
+        config.toml  tokenizer.json  manifest.json
 
 Only tensors go through DCP. DCP stores any other value as a pickle and reads it back with
-torch.load(weights_only=False), i.e. unrestricted unpickling; the JSON file keeps checkpoint.py's promise that
-loading a checkpoint never runs code from it. Atomicity follows checkpoint.py: ranks write into a hidden temp
-directory, rank 0 adds the small files and the manifest and renames it into place, then updates `latest`.
+torch.load(weights_only=False), i.e. unrestricted unpickling; the JSON file keeps the promise that loading a
+checkpoint never runs code from it. Ranks write into a hidden temp directory, rank 0 adds the small files,
+seals and publishes it (layout.py).
 
-`load_into_plain` (one process) loads any DCP checkpoint into an unsharded model: `checkpoint.load_for_inference`
-uses it, so `transfusion sample --ckpt RUN` reads training checkpoints directly. `export_safetensors`
-(collective, during training) and `export_from_dcp` (one process, offline; `transfusion export`) write a plain
-checkpoint.py checkpoint with full weights in one safetensors file.
+`load_into_plain` (one process) loads any DCP checkpoint into an unsharded model: export.load_for_inference uses
+it, so `transfusion sample --ckpt RUN` reads training checkpoints directly. This module never imports the trainer:
+the trainer hands it the objects to save (model, optimiser, EMA) and a JSON-able dict of its own state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,13 +34,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
-from transfusion import checkpoint as ckpt_mod
-from transfusion import config as config_mod
-from transfusion.checkpoint import CKPT_SUBDIR, CONFIG_FILE, MANIFEST_FILE, TOKENIZER_FILE, CheckpointError
+from transfusion.checkpoint import layout
+from transfusion.checkpoint.layout import CKPT_SUBDIR, DCP_SUBDIR, STATE_JSON, CheckpointError
 from transfusion.config import Config
 
-DCP_SUBDIR = "dcp"
-STATE_JSON = "train_state.json"
 FORMAT = "dcp-1"
 
 
@@ -62,11 +54,11 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _is_main() -> bool:
+def is_main() -> bool:
     return not _dist() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if _dist():
         dist.barrier()
 
@@ -83,7 +75,7 @@ def _single_process_ok() -> Iterator[None]:
 def is_dcp_checkpoint(path: str | Path) -> bool:
     """True for a checkpoint written by this module (a run dir, its checkpoints/ dir, or a step dir)."""
     try:
-        return (ckpt_mod.resolve(path) / DCP_SUBDIR / ".metadata").is_file()
+        return (layout.resolve(path) / DCP_SUBDIR / ".metadata").is_file()
     except CheckpointError:
         return False
 
@@ -105,15 +97,6 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema
     return state, groups
 
 
-def _manifest(ckpt: Path, step: int) -> dict[str, Any]:
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-    return {
-        "format": FORMAT,
-        "step": step,
-        "files": {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": ckpt_mod.sha256_file(p)} for p in files},
-    }
-
-
 def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
          train_state: dict[str, Any], ema: Any | None = None, tokenizer: Any | None = None, keep: int = 2) -> Path:
     """Collective: every rank calls it. Writes RUN/checkpoints/step_XXXXXXXX atomically; returns its path.
@@ -121,61 +104,36 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
     `train_state` must be JSON-serialisable (counters, loader.state_dict(), ...): it is returned by `load`.
     """
     root = Path(run_dir) / CKPT_SUBDIR
-    final = root / ckpt_mod.step_name(step)
-    tmp = root / f".tmp-{final.name}-dcp"  # same name on every rank (pids differ across ranks)
-    if _is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+    final = root / layout.step_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if is_main():
+        layout.temp_dir(root, final.name)
+    barrier()
     state, groups = _tensor_state(model, optimizer, ema)
     with _single_process_ok():
         dcp.save(state, checkpoint_id=str(tmp / DCP_SUBDIR), no_dist=not _dist())
-    if _is_main():
+    if is_main():
         meta = {
             "format": FORMAT, "step": step, "world_size": dist.get_world_size() if _dist() else 1,
             "has_ema": ema is not None, "train_state": train_state, "optim_param_groups": groups,
         }
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
-        (tmp / CONFIG_FILE).write_text(config_mod.dump_toml(cfg))
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                ckpt_mod.fsync_file(p)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp, step), indent=1))
-        ckpt_mod.fsync_file(tmp / MANIFEST_FILE)
-        _publish(root, tmp, final, keep)
-    _barrier()  # no rank runs ahead (e.g. into the next save) before the checkpoint is in place
+        layout.write_common(tmp, cfg, tokenizer)
+        layout.seal(tmp, step, FORMAT)
+        layout.publish(tmp, final, keep)
+    barrier()  # no rank runs ahead (e.g. into the next save) before the checkpoint is in place
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
-    ckpt_mod.fsync_dir(tmp)
-    if final.exists():  # re-saving a step: move the old copy out of the way first
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(tmp, final)
-    ckpt_mod.fsync_dir(root)
-    ckpt_mod.write_latest(root, final.name)
-    ckpt_mod.prune(root, keep)
-
-
 def _check_files(ckpt: Path) -> dict[str, Any]:
-    """Cheap completeness check on every rank (sizes against the manifest; sha256 is `checkpoint.verify`'s job,
-    too slow to run on every rank for large models). Every rank reads the same files, so all raise alike."""
+    """Sizes against the manifest on every rank, then the training state; returns the latter."""
+    layout.check_sizes(ckpt)
     try:
-        manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
         meta = json.loads((ckpt / STATE_JSON).read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{ckpt}: {Path(e.filename).name} is missing; the checkpoint is incomplete") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: {STATE_JSON} is missing; the checkpoint is incomplete") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt}: unreadable JSON ({e})") from None
-    for name, info in manifest.get("files", {}).items():
-        p = ckpt / name
-        if not p.is_file() or p.stat().st_size != info["size"]:
-            raise CheckpointError(f"{ckpt}: {name} is missing or truncated")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt}: not a DCP checkpoint of format {FORMAT} (got {meta.get('format')!r})")
     return meta
@@ -185,12 +143,14 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
          ema: Any | None = None) -> LoadedState:
     """Collective. Restore model, optimiser (if given), EMA (if given and saved) and RNG from a DCP checkpoint
     saved at any world size. A checkpoint of a different model config is refused before any tensor is read."""
-    ckpt = ckpt_mod.resolve(path)
-    if not (ckpt / DCP_SUBDIR / ".metadata").is_file():
-        raise CheckpointError(f"{ckpt} is not a sharded (DCP) checkpoint; load it with checkpoint.load_checkpoint")
+    ckpt = layout.resolve(path)
+    if not is_dcp_checkpoint(ckpt):
+        raise CheckpointError(
+            f"{ckpt} is a single-file (export) checkpoint without optimiser shards; training can only resume "
+            "from a training checkpoint (checkpoints/step_*/dcp/)")
     meta = _check_files(ckpt)
-    saved = ckpt_mod.read_config(ckpt)
-    ckpt_mod.check_model_config(saved.model, cfg.model, ckpt)
+    saved = layout.read_config(ckpt)
+    layout.check_model_config(saved.model, cfg.model, ckpt)
     has_ema = bool(meta.get("has_ema"))
     state, _ = _tensor_state(model, optimizer, ema if has_ema else None)
     try:
@@ -216,10 +176,7 @@ def _apply(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dic
                    optim_state_dict={"state": state["optim"], "param_groups": groups})
 
 
-# ------------------------------------------------------------------------------------------ export
-
-
-def _full_weights(model: nn.Module, ema: Any | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def full_weights(model: nn.Module, ema: Any | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Collective: unsharded CPU copies of the weights (and EMA) on rank 0; empty dicts elsewhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -229,30 +186,9 @@ def _full_weights(model: nn.Module, ema: Any | None) -> tuple[dict[str, torch.Te
         ema_full = {}
         for name, t in ema.state_dict().items():  # one tensor at a time: peak memory is one full tensor
             t = t.full_tensor() if hasattr(t, "full_tensor") else t
-            if _is_main():
+            if is_main():
                 ema_full[name] = t.detach().cpu()
     return full, ema_full
-
-
-def _write_plain(out_dir: Path, step: int, cfg: Config, weights: dict[str, torch.Tensor],
-                 ema_full: dict[str, torch.Tensor] | None, tokenizer: Any | None) -> Path:
-    from transfusion.distributed import reference_model
-
-    plain = reference_model(cfg.model, seed=0)  # then overwritten; load_state_dict keeps tied weights tied
-    missing, unexpected = plain.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"export: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return ckpt_mod.save_checkpoint(out_dir, step, plain, cfg, ema_state=ema_full, tokenizer=tokenizer, keep=0)
-
-
-def export_safetensors(model: nn.Module, cfg: Config, out_dir: str | Path, step: int, ema: Any | None = None,
-                       tokenizer: Any | None = None) -> Path | None:
-    """Collective: write OUT/checkpoints/step_XXXXXXXX with model.safetensors holding the full weights (plus
-    ema.safetensors), a single-process checkpoint for sampling/eval. Returns the path on rank 0, None elsewhere."""
-    full, ema_full = _full_weights(model, ema)
-    path = _write_plain(Path(out_dir), step, cfg, full, ema_full, tokenizer) if _is_main() else None
-    _barrier()
-    return path
 
 
 def load_into_plain(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -260,7 +196,7 @@ def load_into_plain(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
     model of its config; returns its fp32 EMA weights, or None when it has none. Used for inference/export."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    ckpt = ckpt_mod.resolve(path)
+    ckpt = layout.resolve(path)
     meta = _check_files(ckpt)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if meta.get("has_ema"):
@@ -272,24 +208,3 @@ def load_into_plain(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
         raise CheckpointError(f"{ckpt}: DCP load failed ({type(e).__name__}: {e})") from None
     model.load_state_dict(state["model"])  # strict: every weight must have come from the checkpoint
     return state.get("ema")
-
-
-def export_from_dcp(path: str | Path, out_dir: str | Path) -> Path:
-    """One process, no process group: turn a DCP checkpoint saved at any world size into a plain checkpoint
-    (OUT/checkpoints/step_XXXXXXXX with model.safetensors, ema.safetensors, config, tokenizer)."""
-    from transfusion.distributed import reference_model
-
-    ckpt = ckpt_mod.resolve(path)
-    if not is_dcp_checkpoint(ckpt):
-        raise CheckpointError(f"{ckpt} is not a training (DCP) checkpoint; it already is a single-file export")
-    meta = _check_files(ckpt)
-    cfg = ckpt_mod.read_config(ckpt)
-    model = reference_model(cfg.model, seed=0)  # then overwritten
-    ema = load_into_plain(ckpt, model)
-    tokenizer = None
-    if (ckpt / TOKENIZER_FILE).is_file():
-        from transfusion.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
-    return ckpt_mod.save_checkpoint(Path(out_dir), int(meta["step"]), model, cfg, ema_state=ema,
-                                    tokenizer=tokenizer, keep=0)

@@ -11,35 +11,42 @@ image (t = 0), EOI is appended and LM mode resumes.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from transfusion.config import DiffusionConfig
 from transfusion.diffusion.samplers import DiffusionSampler, cfg_combine
 from transfusion.diffusion.schedule import NoiseSchedule
-from transfusion.model.onednn import packed_linears
-from transfusion.model.patch import patchify, unpatchify
+from transfusion.images import patchify, unpatchify
 from transfusion.model.transfusion import Transfusion
 
 Segment = list[int] | Tensor  # token ids, or a clean image (C, H, W)
 
 
-_Fn = TypeVar("_Fn", bound=Callable)
+class GenerationError(ValueError):
+    """A request the model cannot serve (a prompt longer than its context, no images asked for, ...)."""
 
 
-def fast_cpu_inference(fn: _Fn) -> _Fn:
-    """Run `fn(model, ...)` with the model's Linears on oneDNN-packed weights (a CPU fp32 fast path, off
-    elsewhere; model/onednn.py). The weights are packed once per call and the model is unchanged afterwards."""
+def sampling_args(dc: DiffusionConfig, steps: int | None = None, cfg_scale: float | None = None,
+                  sampler: str | None = None) -> dict[str, Any]:
+    """steps / cfg_scale / sampler for `generate_images` and `generate`: [diffusion]'s, unless overridden.
+    The one place every caller (trainer grids, CLI, eval, demo) takes its sampling settings from."""
+    steps = steps or dc.sample_steps
+    if not 1 <= steps <= dc.num_train_steps:
+        raise GenerationError(f"{steps} denoising steps: expected 1..{dc.num_train_steps} "
+                              "(the model was trained with diffusion.num_train_steps of them)")
+    return {"steps": steps, "cfg_scale": dc.cfg_scale if cfg_scale is None else cfg_scale,
+            "sampler": sampler or dc.sampler.value}
 
-    @functools.wraps(fn)
-    def wrapper(model, *args, **kwargs):
-        with packed_linears(model):
-            return fn(model, *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+def check_fits(model: Transfusion, length: int, what: str) -> None:
+    """GenerationError when a sequence of `length` positions exceeds the model's context (model.max_seq_len)."""
+    if length > model.cfg.max_seq_len:
+        raise GenerationError(f"{what} needs {length} positions but the model's context is "
+                              f"{model.cfg.max_seq_len} (model.max_seq_len); shorten the prompt")
 
 
 class TokenizerLike(Protocol):
@@ -57,6 +64,8 @@ class Decoder:
     """A batch of sequences being extended in place, with their KV cache."""
 
     def __init__(self, model: Transfusion, batch: int, pad_id: int, max_len: int | None = None):
+        if batch < 1:
+            raise GenerationError(f"nothing to decode: {batch} rows")
         self.model, self.pad_id = model, pad_id
         cfg = model.cfg
         self.device = model.tok_emb.weight.device
@@ -110,7 +119,7 @@ class Decoder:
             last[:, -1] = True
         out = self.model(tokens.to(d), image_ids.to(d), doc_ids.to(d), positions.to(d), x, t,
                          logits_mask=last, cache=self.cache, commit=commit)
-        self.last_eps = out.eps
+        self.last_out = out.diffusion  # (P, D) eps or v
         return out.logits  # (B, V)
 
     @torch.no_grad()
@@ -149,7 +158,7 @@ class Decoder:
             t = sampler.timesteps[i].to(self.device).expand(B * n)
             x_in = torch.cat([x, x]) if guided else x  # (B, n, D)
             self._run(tokens, image_ids, doc_ids, positions, x_in.reshape(B * n, D), t, commit=False, logits=False)
-            eps = sampler.schedule.to_eps(x_in.reshape(B * n, D).float(), self.last_eps.float(), t).view(B, n, D)
+            eps = sampler.schedule.to_eps(x_in.reshape(B * n, D).float(), self.last_out.float(), t).view(B, n, D)
             if guided:
                 eps = cfg_combine(eps[:n_cond], eps[n_cond:], cfg_scale)
             x = sampler.step(x, eps, i, generator)
@@ -184,18 +193,21 @@ def _images_from_patches(model: Transfusion, x: Tensor) -> Tensor:
     return unpatchify(x, c.patch_size, c.image_channels, c.image_size, c.image_size)  # (N, C, H, W)
 
 
-@fast_cpu_inference
+@torch.no_grad()
 def generate_images(
     model: Transfusion, tokenizer: TokenizerLike, prompts: list[str], schedule: NoiseSchedule,
     steps: int = 250, cfg_scale: float = 3.0, sampler: str = "ddpm", generator: torch.Generator | None = None,
     progress: bool = True, clip_x0: float | None = 1.0,
 ) -> Tensor:
     """Text -> image for a batch of captions: (N, C, H, W). CFG runs cond + uncond in one batch."""
+    if not prompts:
+        raise GenerationError("no prompt to draw: ask for at least one image")
     tk = tokenizer
     cond = [[[tk.bos_id] + tk.encode(p) + [tk.boi_id]] for p in prompts]
     guided = cfg_scale != 1.0
     rows = cond + ([[[tk.bos_id, tk.boi_id]]] * len(prompts) if guided else [])
     n_len = max(len(r[0]) for r in rows) + model.cfg.patches_per_image
+    check_fits(model, n_len, "the prompt and its image")
     dec = Decoder(model, len(rows), tk.pad_id, max_len=n_len)
     dec.prefill(rows)
     smp = DiffusionSampler(schedule, steps, sampler, clip_x0=clip_x0)
@@ -224,21 +236,22 @@ def _lm_loop(dec: Decoder, logits: Tensor, tk: TokenizerLike, max_new_tokens: in
     return out
 
 
-@fast_cpu_inference
 @torch.no_grad()
 def caption_images(model: Transfusion, tokenizer: TokenizerLike, images: Tensor, max_new_tokens: int = 32,
                    temperature: float = 0.0) -> list[str]:
     """Image -> text: `BOS BOI <clean image, t=0> EOI` then greedy LM (BOI banned) until EOS."""
     tk = tokenizer
     rows = [[[tk.bos_id, tk.boi_id], img, [tk.eoi_id]] for img in images]
-    dec = Decoder(model, len(rows), tk.pad_id, max_len=4 + model.cfg.patches_per_image + max_new_tokens)
+    prefix = 3 + model.cfg.patches_per_image
+    check_fits(model, prefix + 1, "an image to caption")
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - prefix)  # the caption ends where the context does
+    dec = Decoder(model, len(rows), tk.pad_id, max_len=prefix + max_new_tokens)
     logits = dec.prefill(rows)
     banned = [tk.boi_id, tk.eoi_id, tk.bos_id, tk.pad_id]
     ids = _lm_loop(dec, logits, tk, max_new_tokens, {tk.eos_id}, banned, temperature, 1.0, None)
     return [tk.decode([i for i in r if i != tk.eos_id]).strip() for r in ids]
 
 
-@fast_cpu_inference
 @torch.no_grad()
 def generate(
     model: Transfusion, tokenizer: TokenizerLike, prompt: str, schedule: NoiseSchedule,
@@ -256,6 +269,8 @@ def generate(
     tk = tokenizer
     force_image = prompt.rstrip().endswith("<boi>")
     context: list[Segment] = [[tk.bos_id] + tk.encode(prompt.replace("<boi>", "").rstrip())]
+    n = model.cfg.patches_per_image
+    check_fits(model, _length(context, n) + (n + 1 if force_image else 1), "the prompt")
     pieces: list[str | Tensor] = []
     budget = max_new_tokens
     smp = DiffusionSampler(schedule, steps, sampler, clip_x0=clip_x0)
@@ -263,8 +278,9 @@ def generate(
         if not force_image:
             dec = Decoder(model, 1, tk.pad_id)
             logits = dec.prefill([context])
-            ids = _lm_loop(dec, logits, tk, budget, {tk.eos_id, tk.boi_id}, [tk.bos_id, tk.eoi_id, tk.pad_id],
-                           temperature, top_p, generator)[0]
+            room = model.cfg.max_seq_len - _length(context, n)  # text stops where the context ends
+            ids = _lm_loop(dec, logits, tk, min(budget, room), {tk.eos_id, tk.boi_id},
+                           [tk.bos_id, tk.eoi_id, tk.pad_id], temperature, top_p, generator)[0]
             budget -= len(ids)
             text_ids = [i for i in ids if i not in (tk.eos_id, tk.boi_id)]
             if text_ids:
@@ -272,6 +288,8 @@ def generate(
                 context.append(text_ids)
             n_images = sum(isinstance(p, Tensor) for p in pieces)
             if not ids or ids[-1] != tk.boi_id or budget <= 0 or n_images >= max_images:
+                return pieces
+            if _length(context, n) + 1 + n > model.cfg.max_seq_len:  # BOI, but no room left for the image
                 return pieces
         force_image = False
         context.append([tk.boi_id])
@@ -283,3 +301,8 @@ def generate(
         img = _images_from_patches(model, x)[0]
         pieces.append(img)
         context += [img, [tk.eoi_id]]
+
+
+def _length(context: list[Segment], patches_per_image: int) -> int:
+    """Positions a context of token lists and images occupies."""
+    return sum(patches_per_image if isinstance(seg, Tensor) else len(seg) for seg in context)

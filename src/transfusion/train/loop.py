@@ -1,12 +1,12 @@
 """The training loop: `train(cfg, out_dir, resume)`, the same code on 1 process or N torchrun ranks.
 
-    distributed.init_distributed / build_mesh / build_model   process group (if torchrun), FSDP2 model
-    distributed.train_step   grad-accumulated forward/backward, global loss, clipping, NaN/Inf skip, step
-    split_rows               one MixedBatch -> grad_accum micro-batches (rows, their patches and images)
-    _save / _restore         DCP checkpoints (dcp_checkpoint.py), resumable at any world size
+    parallel.process_group   process group (if torchrun), device mesh
+    build_model("meta") -> parallelize -> materialize -> backends.convert_model     the model, built once
+    step.train_step          grad-accumulated forward/backward, global loss, clipping, NaN/Inf skip, step
+    _save / _restore         DCP checkpoints (checkpoint/dcp.py), resumable at any world size
 
 Exact resume: the data order is the loader's step, the diffusion noise and timesteps are drawn per global row
-from (seed, step, row) (distributed.noise_for_rows), and the weights, AdamW moments and EMA are checkpointed;
+from (seed, step, row) (step.noise_for_rows), and the weights, AdamW moments and EMA are checkpointed;
 nothing else is random. The periodic sample grid uses its own generator, so sampling never perturbs training.
 Rank 0 alone writes metrics.jsonl, config.toml and PNGs; every rank joins the collectives (steps, saves,
 sampling) in the same order.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -27,18 +26,25 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from transfusion import checkpoint as ckpt_mod
 from transfusion import config as config_mod
-from transfusion import dcp_checkpoint as dcpc
-from transfusion import distributed as dist_mod
-from transfusion.batch import MixedBatch
+from transfusion.backends import convert_model, setup_process
+from transfusion.checkpoint import dcp, layout
+from transfusion.checkpoint.layout import CheckpointError
 from transfusion.config import Config, ConfigError
-from transfusion.distributed import DistInfo, StepResult
-from transfusion.ema import EMA
+from transfusion.data.loader import build_loader
+from transfusion.data.registry import get_dataset
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.decoding import generate_images, sampling_args
+from transfusion.log import log
 from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
-from transfusion.model.onednn import onednn_linears
-from transfusion.optim import build_optimizer, lr_at, set_lr
-from transfusion.runtime import setup_cpu_runtime
+from transfusion.model.build import build_model
+from transfusion.parallel import process_group as pg
+from transfusion.parallel.parallelize import materialize, parallelize
+from transfusion.parallel.process_group import DistInfo
+from transfusion.tokenizer import Tokenizer
+from transfusion.train.ema import EMA
+from transfusion.train.optim import build_optimizer, lr_at, set_lr
+from transfusion.train.step import StepResult, split_rows, train_step
 
 
 class StopAtStepBoundary:
@@ -81,49 +87,12 @@ class TrainState:
 # ------------------------------------------------------------------------------------------ construction
 
 
-def build_model(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
-    """A plain single-process model (for inference and tests): distributed.build_model without a mesh."""
-    return dist_mod.build_model(cfg, DistInfo(device=torch.device(device)), None)
-
-
 def _check_config(cfg: Config, world_size: int) -> None:
     """Errors a user can fix, raised before any step (every rank raises the same one, so none is left waiting
     in a collective)."""
-    dist_mod.check_global_batch(cfg.train, world_size)
+    pg.check_global_batch(cfg.train, world_size)
     if cfg.train.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {cfg.train.steps}")
-
-
-# ------------------------------------------------------------------------------------------ micro-batches
-
-
-def split_rows(batch: MixedBatch, n: int) -> list[MixedBatch]:
-    """Cut a batch into n micro-batches of consecutive rows. Patches are stored in reading order, so each
-    micro-batch's patches are one contiguous slice; its images are renumbered 0..k-1 in the same order."""
-    if n == 1:
-        return [batch]
-    B = batch.tokens.shape[0]
-    rows = B // n
-    patches_per_row = (batch.image_ids >= 0).sum(dim=1)  # (B,)
-    offsets = torch.cat([patches_per_row.new_zeros(1), patches_per_row.cumsum(0)]).tolist()  # (B+1,)
-    out = []
-    for i in range(n):
-        r0, r1 = i * rows, (i + 1) * rows
-        ids = batch.image_ids[r0:r1]  # (rows, L)
-        present = torch.unique(ids[ids >= 0])  # sorted image indices in this slice
-        new_ids = torch.where(ids >= 0, torch.searchsorted(present, ids.clamp(min=0)), ids)
-        out.append(
-            MixedBatch(
-                tokens=batch.tokens[r0:r1],
-                image_ids=new_ids,
-                doc_ids=batch.doc_ids[r0:r1],
-                positions=batch.positions[r0:r1],
-                lm_targets=batch.lm_targets[r0:r1],
-                patches=batch.patches[offsets[r0] : offsets[r1]],
-                image_max_t=batch.image_max_t[present],
-            )
-        )
-    return out
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -132,43 +101,30 @@ def split_rows(batch: MixedBatch, n: int) -> list[MixedBatch]:
 def _save(run: "Run") -> Path:
     """Collective: every rank writes its shards (DCP); rank 0 adds train_state.json, config, tokenizer."""
     train_state = {"trainer": asdict(run.state), "loader": run.loader.state_dict()}
-    return dcpc.save(run.out, run.state.step, run.model, run.optimizer, run.cfg, train_state, ema=run.ema,
+    return dcp.save(run.out, run.state.step, run.model, run.optimizer, run.cfg, train_state, ema=run.ema,
                      tokenizer=run.tokenizer, keep=run.cfg.train.keep_checkpoints)
 
 
 def _restore(path: Path, run: "Run") -> TrainState:
     """Collective: weights, AdamW moments, EMA, RNG, data position and counters from a checkpoint saved at any
     world size. Optimiser hyper-parameters stay this run's (a resumed run may change them)."""
-    if not dcpc.is_dcp_checkpoint(path):
-        raise ckpt_mod.CheckpointError(
-            f"{path} is a single-file (export) checkpoint without optimiser shards; training can only resume "
-            "from a training checkpoint (checkpoints/step_*/dcp/)")
     hparams = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in run.optimizer.param_groups]
-    loaded = dcpc.load(path, run.model, run.optimizer, run.cfg, ema=run.ema)
+    loaded = dcp.load(path, run.model, run.optimizer, run.cfg, ema=run.ema)
     for group, h in zip(run.optimizer.param_groups, hparams):
         group.update(h)
     try:
         run.loader.load_state_dict(loaded.train_state["loader"])
         state = TrainState(**loaded.train_state["trainer"])
     except (KeyError, ValueError, TypeError) as e:
-        raise ckpt_mod.CheckpointError(f"{loaded.path}: training state does not fit this run ({e})") from None
+        raise CheckpointError(f"{loaded.path}: training state does not fit this run ({e})") from None
     if run.ema is not None and not loaded.has_ema:  # EMA switched on mid-run: start it from the loaded weights
         if run.info.is_main:
-            print(f"note: {loaded.path} has no EMA; starting the EMA from the loaded weights", file=sys.stderr)
+            log.info(f"note: {loaded.path} has no EMA; starting the EMA from the loaded weights")
         run.ema.__init__(run.model, run.ema.decay)
     return state
 
 
 # ------------------------------------------------------------------------------------------ samples
-
-
-def sample_prompts(cfg: Config, n: int) -> list[str]:
-    """Prompts for the periodic grid: for colour fashion, item i in colour i mod 8 (covers items and colours)."""
-    if cfg.data.dataset != "colour_fashion":
-        return []
-    from transfusion.data.fashion import COLOUR_NAMES, ITEMS, caption
-
-    return [caption(i % len(ITEMS), (i * 3) % len(COLOUR_NAMES)) for i in range(n)]
 
 
 @torch.no_grad()
@@ -177,10 +133,7 @@ def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config
 
     Under FSDP every rank must run this (the forward passes all-gather the weights) with the same prompts and
     seed, so every rank makes the same decisions; only the caller with a `path` (rank 0) writes the PNG."""
-    from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.generate import generate_images
-
-    prompts = sample_prompts(cfg, cfg.train.sample_n)
+    prompts = get_dataset(cfg.data).sample_prompts(cfg.train.sample_n)
     if not prompts:
         return
     schedule = NoiseSchedule.from_config(cfg.diffusion)
@@ -189,10 +142,8 @@ def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config
     was_training = model.training
     with ctx:
         model.eval()
-        images = generate_images(
-            model, tokenizer, prompts, schedule, steps=cfg.eval.sample_steps, cfg_scale=cfg.eval.cfg_scale,
-            sampler=cfg.eval.sampler.value, generator=g, progress=False,
-        )
+        images = generate_images(model, tokenizer, prompts, schedule, generator=g, progress=False,
+                                 **sampling_args(cfg.diffusion))
     model.train(was_training)
     if path is not None:
         save_image_grid(images.float().cpu(), path, nrow=min(8, len(prompts)))
@@ -205,11 +156,11 @@ def _prepare_out(out: Path, resume: bool, info: DistInfo) -> Path | None:
     """The checkpoint to resume from (None: fresh run). Refuses to silently overwrite an existing run.
     Every rank decides alike: no rank can write a checkpoint before all have passed here (model init is a
     collective)."""
-    latest = ckpt_mod.find_latest(out)
+    latest = layout.find_latest(out)
     if latest is not None and not resume:
         raise ConfigError(f"{out} already holds a run ({latest.name}); pass --resume to continue it or pick another --out")
     if resume and latest is None and info.is_main:
-        print(f"note: --resume but no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        log.info(f"note: --resume but no checkpoint in {out}; starting from scratch")
     out.mkdir(parents=True, exist_ok=True)
     return latest if resume else None
 
@@ -238,24 +189,29 @@ class Run:
         """Collective when sampling (every rank samples); rank 0 writes the files."""
         main = self.info.is_main
         if main:
-            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png",
+                            self.cfg.diffusion.prediction.value)
         if self.cfg.train.sample_n > 0:
             path = self.out / "samples" / f"step_{self.state.step:08d}.png" if main else None
             write_samples(self.model, self.ema, self.tokenizer, self.cfg, path)
 
 
+def build_training_model(cfg: Config, info: DistInfo, mesh: Any | None) -> nn.Module:
+    """The trainer's one construction path: a meta skeleton, parallelised, materialised (identical weights on
+    1 process or N ranks), then the [runtime] kernel converters."""
+    model = parallelize(build_model(cfg.model, device="meta"), cfg.train, mesh)
+    materialize(model, cfg.model, info.device, cfg.train.seed, sharded=mesh is not None)
+    convert_model(model, cfg.runtime, inference=False, compiled=cfg.train.compile)
+    return model
+
+
 def setup_run(cfg: Config, out: Path, resume: bool, info: DistInfo) -> Run:
     """Tokenizer, model, optimiser, EMA, loader — restored from the latest checkpoint on resume."""
-    from transfusion.data.loader import build_loader
-    from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.tokenizer import Tokenizer
-
     resume_from = _prepare_out(out, resume, info)
     tokenizer = Tokenizer.load(cfg.data.tokenizer or None)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
-    mesh = dist_mod.build_mesh(info, cfg.train.hsdp_replicate)
-    model = dist_mod.build_model(cfg, info, mesh)
+    model = build_training_model(cfg, info, pg.build_mesh(info, cfg.train.hsdp_replicate))
     model.train()
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
@@ -273,14 +229,14 @@ def setup_run(cfg: Config, out: Path, resume: bool, info: DistInfo) -> Run:
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train `cfg` into `out_dir` (checkpoints, metrics.jsonl, PNGs); returns a summary dict.
     Under torchrun every rank calls this; the process group lives exactly as long as the call."""
-    setup_cpu_runtime(cfg.train.threads)
-    info = dist_mod.init_distributed(cfg.train.device)
+    setup_process(cfg.runtime)
+    info = pg.init_distributed(cfg.train.device)
     try:
         _check_config(cfg, info.world_size)
         run = setup_run(cfg, Path(out_dir), resume, info)
         return _loop(run, progress and info.is_main)
     finally:
-        dist_mod.destroy_distributed()
+        pg.destroy_distributed()
 
 
 def _loop(run: Run, progress: bool) -> dict[str, Any]:
@@ -298,16 +254,14 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
             lr = lr_at(state.step, tc)
             set_lr(run.optimizer, lr)
             batch = next(batches).to(info.device)
-            # CPU fp32: Linears through oneDNN (model/onednn.py; off under compile, FSDP, CUDA, bf16 autocast)
-            with onednn_linears(run.model, pack=False, enabled=False if tc.compile else None):
-                stats = dist_mod.train_step(run.model, run.optimizer, split_rows(batch, tc.grad_accum),
-                                            run.schedule, cfg, state.step, info.rank * rows, info)
+            stats = train_step(run.model, run.optimizer, split_rows(batch, tc.grad_accum), run.schedule, cfg,
+                               state.step, info.rank * rows, info)
+            if not stats.skipped and run.ema is not None:
+                run.ema.update(run.model, step=state.step)  # the step just taken: the decay warms up with it
             state.step += 1
             state.tokens_seen += stats.tokens
             tok_window += stats.tokens
             _count_bad(state, stats, tc.max_bad_steps, info.is_main)
-            if not stats.skipped and run.ema is not None:
-                run.ema.update(run.model)
             if state.step % tc.log_every == 0 or state.step == tc.steps or stats.skipped:
                 tok_s = tok_window / max(1e-9, time.perf_counter() - t_window)
                 if logger is not None:
@@ -341,17 +295,16 @@ def _should_stop(stop: StopAtStepBoundary, tc: Any, state: TrainState, t_start: 
     """Ctrl-C or the time budget. Ranks see the signal and the clock at different moments, so they vote (one
     all_reduce per step; identity on one process): all stop at the same step or none does."""
     over_time = bool(tc.time_limit_min) and time.perf_counter() - t_start > 60 * tc.time_limit_min
-    interrupted, over_time = (v > 0 for v in dist_mod.all_reduce_sum([stop.requested, over_time], info.device))
+    interrupted, over_time = (v > 0 for v in pg.all_reduce_sum([stop.requested, over_time], info.device))
     stop.requested = stop.requested or interrupted
     if interrupted:
         if info.is_main:
-            print(f"\ninterrupted at step {state.step}; saving a checkpoint (continue with --resume)", file=sys.stderr)
+            log.info(f"\ninterrupted at step {state.step}; saving a checkpoint (continue with --resume)")
         return True
     if over_time:
         # a wall-clock budget (the demo's): stop cleanly with a checkpoint; --resume continues the schedule
         if info.is_main:
-            print(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}",
-                  file=sys.stderr)
+            log.info(f"\nnote: train.time_limit_min={tc.time_limit_min} reached at step {state.step}/{tc.steps}")
         return True
     return False
 
@@ -364,8 +317,8 @@ def _count_bad(state: TrainState, stats: StepResult, max_bad: int, verbose: bool
     state.skipped_steps += 1
     state.bad_in_row += 1
     if verbose:
-        print(f"warning: step {state.step}: non-finite loss/gradient (loss={stats.loss}, "
-              f"grad_norm={stats.grad_norm}); update skipped ({state.bad_in_row} in a row)", file=sys.stderr)
+        log.warning(f"step {state.step}: non-finite loss/gradient (loss={stats.loss}, "
+                    f"grad_norm={stats.grad_norm}); update skipped ({state.bad_in_row} in a row)")
     if state.bad_in_row > max_bad:
         raise TrainingDiverged(
             f"training diverged: {state.bad_in_row} consecutive steps with a non-finite loss or gradient "
@@ -384,14 +337,14 @@ def _summary(run: Run, stats: StepResult | None, wall: float) -> dict[str, Any]:
         "final_loss": stats.loss if stats else None,
         "final_lm_loss": stats.lm_loss if stats else None,
         "final_diffusion_loss": stats.diffusion_loss if stats else None,
-        "checkpoint": str(ckpt_mod.find_latest(run.out)),
+        "checkpoint": str(layout.find_latest(run.out)),
         "world_size": run.info.world_size,
     }
     data_stats = getattr(run.loader, "stats", None)
     if data_stats is not None and hasattr(data_stats, "to_dict"):
         summary["data"] = data_stats.to_dict()  # skipped inputs of a user folder, by reason (this rank's)
         if run.info.is_main:
-            print(data_stats.summary(), file=sys.stderr)
+            log.info(data_stats.summary())
     if state.skipped_steps and run.info.is_main:
-        print(f"note: {state.skipped_steps} step(s) skipped for non-finite loss/gradient", file=sys.stderr)
+        log.info(f"note: {state.skipped_steps} step(s) skipped for non-finite loss/gradient")
     return summary

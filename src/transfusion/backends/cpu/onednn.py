@@ -15,8 +15,9 @@ bf16 output) on bf16 weights packed lazily on first use, and each Block's SwiGLU
 residual stream stays fp32 as under autocast. A 30-step CFG sample of the benchmark model: 1.08–1.13× faster
 (in-process A/B, two runs).
 
-`onednn_linears(model, pack=...)` is a context manager: inside it each Linear's forward goes through oneDNN,
-outside it the model is exactly as before (no parameter changes, nothing saved). Each call falls back to
+`install(model, pack=...)` is a model converter (backends/__init__.py applies it where a model is built for
+training or loaded for inference, as `[runtime] onednn` says): each Linear's forward then goes through oneDNN,
+with no parameter change and nothing in the state dict; `onednn_linears` does the same for one block only. Each call falls back to
 `F.linear` (a Block to its own forward) whenever the fast path would not be the same computation: autocast on
 (other than the bf16 inference case above), a non-fp32 input, an empty input, a non-CPU tensor; a packed fp32
 weight is used only while the weight is unchanged since packing (its version counter; bf16 copies are re-packed
@@ -26,7 +27,6 @@ tests/test_onednn.py.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -36,9 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.model.transformer import Block
-
-ENV_SWITCH = "TRANSFUSION_ONEDNN"  # set to 0 to turn the fast path off everywhere (e.g. to compare against it)
-
 
 def available() -> bool:
     """oneDNN's linear exists in this torch build (the x86/ARM CPU wheels have it)."""
@@ -177,24 +174,18 @@ def _block_forward(block: Block, rows_hint: int) -> Callable[..., Tensor]:
     return forward
 
 
-@contextmanager
-def onednn_linears(model: nn.Module, pack: bool = True, rows_hint: int = 512,
-                   enabled: bool | None = None) -> Iterator[bool]:
-    """Run `model`'s Linears through oneDNN inside the block; yields whether the fast path is on.
+def install(model: nn.Module, pack: bool = True, rows_hint: int = 512) -> bool:
+    """Route `model`'s Linears through oneDNN from now on (a model converter); returns whether it did.
 
     `pack=True` (inference) reorders each weight once, for about `rows_hint` rows per call (other sizes still
-    work); `pack=False` (training) uses the weights as they are. `enabled=None` means: on when available and
-    not switched off by TRANSFUSION_ONEDNN=0. Re-entrant: an inner block inside an outer one changes nothing.
-    """
-    if enabled is None:
-        enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+    work), and gives each transformer Block its fused inference forward; `pack=False` (training) uses the
+    weights as they are. Nothing is installed unless every Linear is a plain fp32 CPU tensor (not FSDP's
+    DTensors, not meta, not bf16) and oneDNN is available. A model that already has it is left as it is."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if any("forward" in m.__dict__ for m in linears):  # already inside an outer block
-        yield True
-        return
-    if not (enabled and available() and linears and all(_eligible(m.weight) for m in linears)):
-        yield False
-        return
+    if any("forward" in m.__dict__ for m in linears):  # installed already
+        return True
+    if not (available() and linears and all(_eligible(m.weight) for m in linears)):
+        return False
     blocks = [b for b in model.modules() if isinstance(b, Block)] if pack else []
     in_fused = {id(m) for b in blocks for m in (b.attn.wo, b.ffn.w13, b.ffn.w2)}  # packed by _block_forward
     with torch.no_grad():
@@ -206,13 +197,32 @@ def onednn_linears(model: nn.Module, pack: bool = True, rows_hint: int = 512,
             m.forward = _forward(m, packed, bf16)  # an instance attribute shadows nn.Linear.forward
         for b in blocks:
             b.forward = _block_forward(b, rows_hint)
-    try:
-        yield True
-    finally:
-        for m in [*linears, *blocks]:
+    return True
+
+
+def uninstall(model: nn.Module) -> None:
+    """Undo `install`: every module runs its class's own forward again."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, Block)) and "forward" in m.__dict__:
             del m.forward
 
 
-def packed_linears(model: nn.Module, enabled: bool | None = None):
+@contextmanager
+def onednn_linears(model: nn.Module, pack: bool = True, rows_hint: int = 512, enabled: bool = True
+                   ) -> Iterator[bool]:
+    """`install` for the duration of the block only (A/B comparisons, tests); yields whether it is on.
+    Re-entrant: inside an outer block (or on a model converted for good) it changes nothing."""
+    if not enabled or any("forward" in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear)):
+        yield enabled
+        return
+    on = install(model, pack, rows_hint)
+    try:
+        yield on
+    finally:
+        if on:
+            uninstall(model)
+
+
+def packed_linears(model: nn.Module, enabled: bool = True):
     """Inference: `onednn_linears` with packed weights."""
     return onednn_linears(model, pack=True, enabled=enabled)

@@ -1,0 +1,16 @@
+"""`data.dataset` name -> Dataset (dataset.py). The one place that knows which datasets exist."""
+
+from __future__ import annotations
+
+from transfusion.config import ConfigError, DataConfig
+from transfusion.data.colour_fashion import ColourFashion
+from transfusion.data.dataset import Dataset
+from transfusion.data.folder import FolderDataset
+
+DATASETS: dict[str, type[Dataset]] = {cls.name: cls for cls in (ColourFashion, FolderDataset)}
+
+
+def get_dataset(data: DataConfig) -> Dataset:
+    if data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset={data.dataset!r}: expected one of {sorted(DATASETS)}")
+    return DATASETS[data.dataset](data)
