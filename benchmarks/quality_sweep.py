@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 from transfusion import config as config_mod
-from transfusion.checkpoint import load_for_inference, tokenizer_path_for
 from transfusion.evaluate.alignment import score_alignment
 from transfusion.evaluate.classifier import get_classifier
 from transfusion.evaluate.reference import eval_prompts
 from transfusion.evaluate.report import generate_for_prompts
+from transfusion.inference import load
 from transfusion.metrics import read_metrics, save_image_grid
-from transfusion.tokenizer import Tokenizer
 from transfusion.train import train
 
 
@@ -39,8 +38,8 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def score(run: Path, use_ema: bool, n: int, device: str, clf, grid: Path | None) -> dict:
-    model, cfg, ckpt = load_for_inference(run, use_ema=use_ema, device=device)
-    tok = Tokenizer.load(tokenizer_path_for(ckpt, cfg))
+    m = load(run, use_ema=use_ema, device=device)  # with the inference kernels, as `transfusion eval` runs
+    model, cfg, tok = m.model, m.config, m.tokenizer
     items, colours = eval_prompts(n, seed=0, heldout_share=0.25)
     d = cfg.diffusion
     images = generate_for_prompts(model, tok, cfg, items, colours, d.sample_steps, d.cfg_scale,

@@ -3,8 +3,8 @@
     import transfusion as tf
 
     m = tf.load("runs/demo")                                   # model + tokenizer + config of a trained run
-    images = tf.generate_images(m.model, m.tokenizer, ["a red sneaker"], tf.NoiseSchedule.from_config(
-        m.config.diffusion), **tf.sampling_args(m.config.diffusion))   # (1, C, H, W) in [-1, 1]
+    images = tf.generate_images(m.model, m.tokenizer, ["a red sneaker"], tf.build_schedule(m.config.diffusion),
+                                **tf.sampling_args(m.config.diffusion))   # (1, C, H, W) in [-1, 1]
     print(tf.caption_images(m.model, m.tokenizer, images))     # image -> text
 
     model = tf.build_model(tf.ModelConfig.from_name("tiny"))   # a fresh model (meta -> to_empty -> init)
@@ -15,7 +15,7 @@ the package, and no name here shadows a submodule.
 
 from transfusion.config import Config, ModelConfig
 from transfusion.config import load as load_config
-from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.diffusion.schedule import NoiseSchedule, build_schedule
 from transfusion.decoding import caption_images, generate, generate_images, sampling_args
 from transfusion.inference import load
 from transfusion.model.build import build_model
@@ -24,5 +24,5 @@ from transfusion.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ModelConfig", "NoiseSchedule", "Tokenizer", "Transfusion", "build_model", "caption_images",
-           "generate", "generate_images", "load", "load_config", "sampling_args"]
+__all__ = ["Config", "ModelConfig", "NoiseSchedule", "Tokenizer", "Transfusion", "build_model", "build_schedule",
+           "caption_images", "generate", "generate_images", "load", "load_config", "sampling_args"]

@@ -100,7 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.diffusion.schedule import build_schedule
     from transfusion.decoding import generate_images, sampling_args
 
     _positive("--n", args.n)
@@ -108,7 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sampling = sampling_args(m.config.diffusion, args.steps, args.cfg, args.sampler)
     with torch.no_grad(), _precision(m.model, args.precision):
         images = generate_images(m.model, m.tokenizer, [args.prompt] * args.n,
-                                 NoiseSchedule.from_config(m.config.diffusion), generator=_generator(args.seed),
+                                 build_schedule(m.config.diffusion), generator=_generator(args.seed),
                                  progress=True, **sampling)
     _save_images(images, Path(args.out), args.scale)
     print(f"wrote {args.out} ({args.n} image{'s' if args.n > 1 else ''} for {args.prompt!r})")
@@ -131,7 +131,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.diffusion.schedule import build_schedule
     from transfusion.decoding import generate, sampling_args
 
     _positive("--max-new-tokens", args.max_new_tokens)
@@ -140,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = sampling_args(m.config.diffusion, args.steps, args.cfg)
     with torch.no_grad(), _precision(m.model, args.precision):
         parts = generate(
-            m.model, m.tokenizer, args.prompt, NoiseSchedule.from_config(m.config.diffusion),
+            m.model, m.tokenizer, args.prompt, build_schedule(m.config.diffusion),
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             generator=_generator(args.seed), **sampling,
         )

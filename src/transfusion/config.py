@@ -49,6 +49,21 @@ class Prediction(str, enum.Enum):
 class Sampler(str, enum.Enum):
     DDPM = "ddpm"  # ancestral sampling (paper default)
     DDIM = "ddim"  # deterministic DDIM (eta = 0), an extension
+    EULER = "euler"  # rectified flow (objective = "flow"): first-order ODE steps
+    HEUN = "heun"  # rectified flow: second order, two network calls per step
+
+
+class Objective(str, enum.Enum):
+    DDPM = "ddpm"  # paper §2.2: DDPM noising, eps (or v) regression
+    FLOW = "flow"  # an extension: rectified flow, velocity regression (diffusion/flow.py)
+
+
+_SAMPLERS = {Objective.DDPM: (Sampler.DDPM, Sampler.DDIM), Objective.FLOW: (Sampler.EULER, Sampler.HEUN)}
+
+
+def samplers_for(objective: Objective) -> tuple[Sampler, ...]:
+    """The samplers that integrate `objective`'s reverse process."""
+    return _SAMPLERS[Objective(objective)]
 
 
 def _ffn_hidden(dim: int, multiple_of: int = 256) -> int:
@@ -142,6 +157,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class DiffusionConfig:
+    objective: Objective = Objective.DDPM  # "flow": rectified flow, an option (then prediction is the velocity)
     num_train_steps: int = 1000  # T (paper §2.2)
     schedule: str = "cosine"  # Nichol & Dhariwal 2021, s = 0.008
     prediction: Prediction = Prediction.EPSILON  # what the patch decoder outputs; the loss is MSE on it
@@ -152,8 +168,15 @@ class DiffusionConfig:
     cfg_scale: float = 3.0  # paper §4.3 ablations use 3 (§4.2 uses 5)
 
     def __post_init__(self) -> None:
+        self.objective = Objective(self.objective)
         self.prediction = Prediction(self.prediction)
         self.sampler = Sampler(self.sampler)
+        if self.sampler not in samplers_for(self.objective):
+            raise ConfigError(f"diffusion.sampler={self.sampler.value!r} does not sample the "
+                              f"{self.objective.value!r} objective; use one of "
+                              f"{[s.value for s in samplers_for(self.objective)]}")
+        if self.objective == Objective.FLOW and self.prediction != Prediction.EPSILON:
+            raise ConfigError("diffusion.prediction is a DDPM setting; the flow objective predicts the velocity")
         if not 1 <= self.sample_steps <= self.num_train_steps:
             raise ConfigError(f"diffusion.sample_steps={self.sample_steps}: expected 1..{self.num_train_steps} "
                               "(diffusion.num_train_steps)")

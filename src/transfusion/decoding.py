@@ -15,10 +15,10 @@ from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from transfusion.config import DiffusionConfig
-from transfusion.diffusion.samplers import DiffusionSampler, cfg_combine
+from transfusion.config import DiffusionConfig, samplers_for
+from transfusion.diffusion.flow import FlowSampler, FlowSchedule
+from transfusion.diffusion.samplers import DiffusionSampler, build_sampler, cfg_combine
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.images import patchify, unpatchify
 from transfusion.model.transfusion import Transfusion
@@ -38,8 +38,11 @@ def sampling_args(dc: DiffusionConfig, steps: int | None = None, cfg_scale: floa
     if not 1 <= steps <= dc.num_train_steps:
         raise GenerationError(f"{steps} denoising steps: expected 1..{dc.num_train_steps} "
                               "(the model was trained with diffusion.num_train_steps of them)")
-    return {"steps": steps, "cfg_scale": dc.cfg_scale if cfg_scale is None else cfg_scale,
-            "sampler": sampler or dc.sampler.value}
+    sampler = sampler or dc.sampler.value
+    if sampler not in [s.value for s in samplers_for(dc.objective)]:
+        raise GenerationError(f"sampler {sampler!r} does not sample the {dc.objective.value!r} objective this model "
+                              f"was trained with; use one of {[s.value for s in samplers_for(dc.objective)]}")
+    return {"steps": steps, "cfg_scale": dc.cfg_scale if cfg_scale is None else cfg_scale, "sampler": sampler}
 
 
 def check_fits(model: Transfusion, length: int, what: str) -> None:
@@ -139,7 +142,7 @@ class Decoder:
         return tokens, image_ids, torch.ones((B, n), dtype=torch.long), positions
 
     @torch.no_grad()
-    def diffuse(self, sampler: DiffusionSampler, cfg_scale: float, n_cond: int,
+    def diffuse(self, sampler: DiffusionSampler | FlowSampler, cfg_scale: float, n_cond: int,
                 generator: torch.Generator | None = None, progress: bool = False, commit: bool = True) -> Tensor:
         """Denoise one image per conditional row; rows [n_cond:] are the unconditional twins (if any).
 
@@ -151,17 +154,17 @@ class Decoder:
         if guided and B != 2 * n_cond:
             raise ValueError("with CFG the decoder must hold n_cond conditional rows then n_cond unconditional")
         tokens, image_ids, doc_ids, positions = self._image_slots()
+
+        def predict(x: Tensor, t: Tensor) -> Tensor:  # (n_cond, n, D), scalar t -> guided eps / velocity
+            tt = t.to(self.device).expand(B * n)
+            x_in = (torch.cat([x, x]) if guided else x).reshape(B * n, D)
+            self._run(tokens, image_ids, doc_ids, positions, x_in, tt, commit=False, logits=False)
+            pred = sampler.to_guided_space(x_in.float(), self.last_out.float(), tt).view(B, n, D)
+            return cfg_combine(pred[:n_cond], pred[n_cond:], cfg_scale) if guided else pred
+
         x = torch.randn((n_cond, n, D), generator=generator, device=self.device if generator is None
                         else generator.device).to(self.device)
-        steps = tqdm(range(len(sampler)), desc="diffusion", disable=not progress, leave=False)
-        for i in steps:
-            t = sampler.timesteps[i].to(self.device).expand(B * n)
-            x_in = torch.cat([x, x]) if guided else x  # (B, n, D)
-            self._run(tokens, image_ids, doc_ids, positions, x_in.reshape(B * n, D), t, commit=False, logits=False)
-            eps = sampler.schedule.to_eps(x_in.reshape(B * n, D).float(), self.last_out.float(), t).view(B, n, D)
-            if guided:
-                eps = cfg_combine(eps[:n_cond], eps[n_cond:], cfg_scale)
-            x = sampler.step(x, eps, i, generator)
+        x = sampler.sample(x, predict, generator, progress)
         if commit:
             x_in = torch.cat([x, x]) if guided else x
             self._run(tokens, image_ids, doc_ids, positions, x_in.reshape(B * n, D), commit=True, logits=False)
@@ -195,7 +198,7 @@ def _images_from_patches(model: Transfusion, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def generate_images(
-    model: Transfusion, tokenizer: TokenizerLike, prompts: list[str], schedule: NoiseSchedule,
+    model: Transfusion, tokenizer: TokenizerLike, prompts: list[str], schedule: NoiseSchedule | FlowSchedule,
     steps: int = 250, cfg_scale: float = 3.0, sampler: str = "ddpm", generator: torch.Generator | None = None,
     progress: bool = True, clip_x0: float | None = 1.0,
 ) -> Tensor:
@@ -210,7 +213,7 @@ def generate_images(
     check_fits(model, n_len, "the prompt and its image")
     dec = Decoder(model, len(rows), tk.pad_id, max_len=n_len)
     dec.prefill(rows)
-    smp = DiffusionSampler(schedule, steps, sampler, clip_x0=clip_x0)
+    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_x0)
     x = dec.diffuse(smp, cfg_scale, len(prompts), generator, progress=progress, commit=False)
     return _images_from_patches(model, x)
 
@@ -254,7 +257,7 @@ def caption_images(model: Transfusion, tokenizer: TokenizerLike, images: Tensor,
 
 @torch.no_grad()
 def generate(
-    model: Transfusion, tokenizer: TokenizerLike, prompt: str, schedule: NoiseSchedule,
+    model: Transfusion, tokenizer: TokenizerLike, prompt: str, schedule: NoiseSchedule | FlowSchedule,
     max_new_tokens: int = 128, max_images: int = 4, steps: int = 250, cfg_scale: float = 3.0,
     sampler: str = "ddpm", temperature: float = 0.0, top_p: float = 1.0,
     generator: torch.Generator | None = None, progress: bool = True, clip_x0: float | None = 1.0,
@@ -273,7 +276,7 @@ def generate(
     check_fits(model, _length(context, n) + (n + 1 if force_image else 1), "the prompt")
     pieces: list[str | Tensor] = []
     budget = max_new_tokens
-    smp = DiffusionSampler(schedule, steps, sampler, clip_x0=clip_x0)
+    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_x0)
     while True:
         if not force_image:
             dec = Decoder(model, 1, tk.pad_id)

@@ -32,7 +32,7 @@ SHAKESPEARE_PROMPT = "DUNCAN:\nWhat news, my lord?\n\nMACBETH:\n"
 
 def draw_grid(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, seed: int) -> dict[str, Any]:
     """The dataset's prompt grid, one sample per cell, sampled with the config's [diffusion] settings."""
-    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.diffusion.schedule import build_schedule
     from transfusion.decoding import generate_images, sampling_args
 
     grid_spec = get_dataset(cfg.data).prompt_grid()
@@ -42,7 +42,7 @@ def draw_grid(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, see
     t0 = time.perf_counter()
     with torch.no_grad():
         images = generate_images(
-            model, tokenizer, grid_spec.prompts, NoiseSchedule.from_config(cfg.diffusion),
+            model, tokenizer, grid_spec.prompts, build_schedule(cfg.diffusion),
             generator=torch.Generator().manual_seed(seed), progress=True, **sampling,
         ).float().cpu()
     wall = time.perf_counter() - t0
@@ -95,11 +95,11 @@ def caption_real(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, 
 
 
 def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path) -> str:
-    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.diffusion.schedule import build_schedule
     from transfusion.decoding import generate
 
     with torch.no_grad():
-        parts = generate(model, tokenizer, SHAKESPEARE_PROMPT, NoiseSchedule.from_config(cfg.diffusion),
+        parts = generate(model, tokenizer, SHAKESPEARE_PROMPT, build_schedule(cfg.diffusion),
                          max_new_tokens=96, max_images=0, progress=False)
     text = SHAKESPEARE_PROMPT + "".join(p for p in parts if isinstance(p, str))
     (out / "shakespeare.txt").write_text(text + "\n")

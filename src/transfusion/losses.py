@@ -2,7 +2,8 @@
 
 - L_LM: next-token cross-entropy over text targets only (batch.lm_targets; none on patches, none when the
   input is BOI, fn. 8), averaged over target tokens.
-- L_DDPM: eps-prediction MSE (eq. 3; the MSE to v with diffusion.prediction = "v", see schedule.target),
+- L_DDPM: eps-prediction MSE (eq. 3; the MSE to v with diffusion.prediction = "v", or to the velocity with
+  diffusion.objective = "flow": each schedule's `target`),
   averaged over each image's patch values first, then over images, so a large image counts as one example like
   a small one.
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.batch import IGNORE, MixedBatch
+from transfusion.diffusion.flow import FlowSchedule
 from transfusion.diffusion.schedule import NoiseSchedule
 
 
@@ -31,8 +33,8 @@ class LossOutput:
     diffusion_loss: Tensor  # scalar, mean over images (detached)
 
 
-def noised_patches(batch: MixedBatch, schedule: NoiseSchedule, generator: torch.Generator | None = None,
-                   draw: tuple[Tensor, Tensor] | None = None):
+def noised_patches(batch: MixedBatch, schedule: NoiseSchedule | FlowSchedule,
+                   generator: torch.Generator | None = None, draw: tuple[Tensor, Tensor] | None = None):
     """Draw per-image timesteps and noise; return (x_t (P, D), t (P,), noise (P, D), image of each patch (P,)).
 
     `draw` = (t per image (N,), noise (P, D)) supplied by the caller instead: data-parallel training draws them
@@ -51,7 +53,7 @@ def noised_patches(batch: MixedBatch, schedule: NoiseSchedule, generator: torch.
 def transfusion_loss(
     model: torch.nn.Module,
     batch: MixedBatch,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowSchedule,
     lm_weight: float = 1.0,
     diffusion_weight: float = 5.0,
     generator: torch.Generator | None = None,

@@ -1,4 +1,5 @@
 """Reverse-process samplers on a respaced subset of the training timesteps, and classifier-free guidance.
+(Rectified flow's Euler / Heun sampler is in flow.py; `build_sampler` picks by schedule.)
 
 DDPM (ancestral, the paper's choice) and DDIM (eta = 0, an option) both walk a descending list of timesteps,
 default 250 of the 1000 used in training (paper §4.1). For a respaced pair (t, t') the step uses
@@ -10,16 +11,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from transfusion.config import Sampler
-from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.diffusion.flow import FlowSampler, FlowSchedule, Predict
+from transfusion.diffusion.schedule import NoiseSchedule, respaced_timesteps
 
-
-def respaced_timesteps(num_train_steps: int, steps: int) -> Tensor:
-    """Evenly spaced descending timesteps, e.g. (999, 995, ..., 0) for 250 of 1000."""
-    if not 1 <= steps <= num_train_steps:
-        raise ValueError(f"sampling steps must be in [1, {num_train_steps}], got {steps}")
-    return torch.linspace(num_train_steps - 1, 0, steps).round().long()
+__all__ = ["DiffusionSampler", "FlowSampler", "build_sampler", "cfg_combine", "respaced_timesteps"]
 
 
 def cfg_combine(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor:
@@ -28,7 +26,7 @@ def cfg_combine(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor:
 
 
 class DiffusionSampler:
-    """Stateless stepper: `x = sampler.step(x, eps, i)` for i over `sampler.timesteps`."""
+    """DDPM / DDIM: `x = sampler.sample(x, predict)`, or step by step `x = sampler.step(x, eps, i)`."""
 
     def __init__(self, schedule: NoiseSchedule, steps: int = 250, kind: Sampler | str = Sampler.DDPM,
                  clip_x0: float | None = None):
@@ -42,6 +40,17 @@ class DiffusionSampler:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def to_guided_space(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        """The network's output (eps or v) -> eps, the quantity CFG combines and `step` consumes."""
+        return self.schedule.to_eps(x_t, pred, t)
+
+    def sample(self, x: Tensor, predict: Predict, generator: torch.Generator | None = None,
+               progress: bool = False) -> Tensor:
+        """x (..., D) at the noisiest timestep -> x_0. `predict(x, t)` returns the (guided) eps at x."""
+        for i in tqdm(range(len(self)), desc="diffusion", disable=not progress, leave=False):
+            x = self.step(x, predict(x, self.timesteps[i]).float(), i, generator)
+        return x
 
     def step(self, x_t: Tensor, eps: Tensor, i: int, generator: torch.Generator | None = None) -> Tensor:
         """One reverse step from timesteps[i] to timesteps[i+1] (or to x_0 after the last)."""
@@ -60,3 +69,13 @@ class DiffusionSampler:
         var = beta * (1 - a_prev) / (1 - a_t)
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return mean + var**0.5 * noise
+
+
+def build_sampler(schedule: NoiseSchedule | FlowSchedule, steps: int, kind: Sampler | str,
+                  clip_x0: float | None = None) -> DiffusionSampler | FlowSampler:
+    """The sampler of a schedule: DDPM / DDIM for the paper's objective, Euler / Heun for rectified flow."""
+    if isinstance(schedule, FlowSchedule):
+        return FlowSampler(schedule, steps, kind, clip_x0)
+    if Sampler(kind) not in (Sampler.DDPM, Sampler.DDIM):
+        raise ValueError(f"the DDPM objective samples with 'ddpm' or 'ddim', not {Sampler(kind).value!r}")
+    return DiffusionSampler(schedule, steps, kind, clip_x0)

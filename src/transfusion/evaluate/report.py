@@ -62,10 +62,10 @@ def generate_for_prompts(model, tok, cfg, items: Tensor, colours: Tensor, steps:
     """Images (N, 3, H, W) in [-1, 1] for the colour-fashion prompts (items[i], colours[i]), `batch` at a time."""
     from tqdm.auto import tqdm
 
-    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.diffusion.schedule import build_schedule
     from transfusion.decoding import generate_images
 
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    schedule = build_schedule(cfg.diffusion)
     prompts = [fashion.caption(int(i), int(c)) for i, c in zip(items, colours)]
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -269,7 +269,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="eval/report.json", help="JSON report path (grids and .md written beside it)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: diffusion.sample_steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: diffusion.sampler")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], default=None,
+                   help="default: diffusion.sampler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--no-fid", action="store_true", help="skip the Inception FID (the slowest metric)")

@@ -33,7 +33,7 @@ from transfusion.checkpoint.layout import CheckpointError
 from transfusion.config import Config, ConfigError
 from transfusion.data.loader import build_loader
 from transfusion.data.registry import get_dataset
-from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.diffusion.schedule import build_schedule
 from transfusion.decoding import generate_images, sampling_args
 from transfusion.log import log
 from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
@@ -136,7 +136,7 @@ def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config
     prompts = get_dataset(cfg.data).sample_prompts(cfg.train.sample_n)
     if not prompts:
         return
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    schedule = build_schedule(cfg.diffusion)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.train.seed + 12345)
     ctx = ema.swapped_into(model) if ema is not None else contextlib.nullcontext(model)
     was_training = model.training
@@ -216,7 +216,7 @@ def setup_run(cfg: Config, out: Path, resume: bool, info: DistInfo) -> Run:
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
     loader = build_loader(cfg, tokenizer, "train", rank=info.rank, world_size=info.world_size)
-    run = Run(cfg, out, info, model, optimizer, ema, loader, NoiseSchedule.from_config(cfg.diffusion),
+    run = Run(cfg, out, info, model, optimizer, ema, loader, build_schedule(cfg.diffusion),
               tokenizer, TrainState())
     if resume_from is not None:
         run.state = _restore(resume_from, run)
