@@ -33,7 +33,7 @@ def test_parser_defaults() -> None:
     a = p.parse_args(["train", "c.toml", "--out", "R", "--set", "train.lr=1e-3", "--set", "train.steps=5", "--resume"])
     assert a.set == ["train.lr=1e-3", "train.steps=5"] and a.resume
     with pytest.raises(SystemExit):
-        p.parse_args(["sample", "--ckpt", "R", "--prompt", "x", "--out", "y.png", "--sampler", "euler"])
+        p.parse_args(["sample", "--ckpt", "R", "--prompt", "x", "--out", "y.png", "--sampler", "dpm"])
     a = p.parse_args(["eval", "--ckpt", "R"])  # wired to evaluate.report.add_eval_args / run_eval
     assert a.ckpt == "R" and callable(a.func)
 

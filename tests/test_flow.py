@@ -11,7 +11,8 @@ from transfusion.config import Sampler
 from transfusion.decoding import Decoder, GenerationError, generate_images, sampling_args
 from transfusion.diffusion.flow import FlowSampler, FlowSchedule
 from transfusion.diffusion.samplers import build_sampler
-from transfusion.diffusion.schedule import NoiseSchedule, build_schedule
+from transfusion.diffusion import build_schedule
+from transfusion.diffusion.schedule import NoiseSchedule
 
 from core_helpers import ByteTokenizer, micro_model
 from train_helpers import write_micro_config

@@ -15,7 +15,8 @@ the package, and no name here shadows a submodule.
 
 from transfusion.config import Config, ModelConfig
 from transfusion.config import load as load_config
-from transfusion.diffusion.schedule import NoiseSchedule, build_schedule
+from transfusion.diffusion import build_schedule
+from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.decoding import caption_images, generate, generate_images, sampling_args
 from transfusion.inference import load
 from transfusion.model.build import build_model

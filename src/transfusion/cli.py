@@ -100,7 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from transfusion.diffusion.schedule import build_schedule
+    from transfusion.diffusion import build_schedule
     from transfusion.decoding import generate_images, sampling_args
 
     _positive("--n", args.n)
@@ -131,7 +131,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transfusion.diffusion.schedule import build_schedule
+    from transfusion.diffusion import build_schedule
     from transfusion.decoding import generate, sampling_args
 
     _positive("--max-new-tokens", args.max_new_tokens)

@@ -32,7 +32,7 @@ SHAKESPEARE_PROMPT = "DUNCAN:\nWhat news, my lord?\n\nMACBETH:\n"
 
 def draw_grid(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, seed: int) -> dict[str, Any]:
     """The dataset's prompt grid, one sample per cell, sampled with the config's [diffusion] settings."""
-    from transfusion.diffusion.schedule import build_schedule
+    from transfusion.diffusion import build_schedule
     from transfusion.decoding import generate_images, sampling_args
 
     grid_spec = get_dataset(cfg.data).prompt_grid()
@@ -95,7 +95,7 @@ def caption_real(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, 
 
 
 def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path) -> str:
-    from transfusion.diffusion.schedule import build_schedule
+    from transfusion.diffusion import build_schedule
     from transfusion.decoding import generate
 
     with torch.no_grad():

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from transfusion.config import DiffusionConfig, Objective, Prediction
+from transfusion.config import DiffusionConfig, Prediction
 
 
 def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -82,12 +82,3 @@ def respaced_timesteps(num_train_steps: int, steps: int) -> Tensor:
     if not 1 <= steps <= num_train_steps:
         raise ValueError(f"sampling steps must be in [1, {num_train_steps}], got {steps}")
     return torch.linspace(num_train_steps - 1, 0, steps).round().long()
-
-
-def build_schedule(dc: DiffusionConfig):
-    """The forward process `diffusion.objective` names: NoiseSchedule (DDPM, the paper's) or FlowSchedule."""
-    if dc.objective == Objective.FLOW:
-        from transfusion.diffusion.flow import FlowSchedule  # flow.py imports this module
-
-        return FlowSchedule(dc.num_train_steps)
-    return NoiseSchedule.from_config(dc)

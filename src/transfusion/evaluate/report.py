@@ -62,7 +62,7 @@ def generate_for_prompts(model, tok, cfg, items: Tensor, colours: Tensor, steps:
     """Images (N, 3, H, W) in [-1, 1] for the colour-fashion prompts (items[i], colours[i]), `batch` at a time."""
     from tqdm.auto import tqdm
 
-    from transfusion.diffusion.schedule import build_schedule
+    from transfusion.diffusion import build_schedule
     from transfusion.decoding import generate_images
 
     schedule = build_schedule(cfg.diffusion)

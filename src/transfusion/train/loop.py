@@ -33,7 +33,7 @@ from transfusion.checkpoint.layout import CheckpointError
 from transfusion.config import Config, ConfigError
 from transfusion.data.loader import build_loader
 from transfusion.data.registry import get_dataset
-from transfusion.diffusion.schedule import build_schedule
+from transfusion.diffusion import build_schedule
 from transfusion.decoding import generate_images, sampling_args
 from transfusion.log import log
 from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
