@@ -280,3 +280,27 @@ def test_rope_out_and_cached_paths_agree_with_and_without_autograd():
         fast = cached()
     slow = cached()
     assert slow.requires_grad and (slow - fast).abs().max() < 1e-5
+
+
+def test_raw_stream_patch_decoder_keeps_the_input_scale():
+    """model.patch_out_norm = false: the linear decoder reads the residual stream before the final norm, so a
+    decoder that inverts the encoder copies x_t at any scale (through the normalised path the scale is divided
+    out); the cached and uncached forwards still agree, and the option is refused for the U-Net."""
+    model = micro_model(patch_out_norm=False)
+    assert model.patch.norm_out is None
+    b = one_image_batch(model.cfg)
+    t = torch.full((b.patches.shape[0],), 999)
+    with torch.no_grad():
+        for blk in model.layers:  # blocks write nothing: the stream at the patches is proj_in(x_t + temb)
+            blk.attn.wo.weight.zero_()
+            blk.ffn.w2.weight.zero_()
+        model.patch.t_mlp[2].weight.zero_()
+        model.patch.t_mlp[2].bias.zero_()
+        model.patch.proj_in.bias.zero_()
+        model.patch.proj_out.weight.copy_(torch.linalg.pinv(model.patch.proj_in.weight))
+        model.patch.proj_out.bias.zero_()
+        small = model(*_args(b, t)).diffusion
+        big = model(b.tokens, b.image_ids, b.doc_ids, b.positions, 3 * b.patches, t).diffusion
+    assert torch.allclose(small, b.patches, atol=1e-4) and torch.allclose(big, 3 * b.patches, atol=1e-4)
+    with pytest.raises(ConfigError, match="patch_out_norm"):
+        ModelConfig.from_name("micro", patch_encoder="unet", patch_out_norm=False)

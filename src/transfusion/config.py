@@ -94,6 +94,9 @@ class ModelConfig:
     # extension (paper is silent): a learned 2-D position embedding added to each patch encoding, initialised
     # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence
     patch_pos_emb: bool = False
+    # what the linear patch decoder reads: the final-normalised hidden state through a LayerNorm (True), or the raw
+    # residual stream before the final norm (False), whose scale carries x_t's (docs/quality.md: the eps ablation)
+    patch_out_norm: bool = True
     attention_mask: AttentionMask = AttentionMask.TRANSFUSION
     attention_impl: AttentionImpl = AttentionImpl.SDPA
 
@@ -105,6 +108,8 @@ class ModelConfig:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+        if not self.patch_out_norm and self.patch_encoder != PatchEncoder.LINEAR:
+            raise ConfigError("model.patch_out_norm = false is an option of the linear patch decoder")
         if self.patch_pos_emb and self.patch_encoder != PatchEncoder.LINEAR:
             raise ConfigError("model.patch_pos_emb is an option of the linear patch encoder; the U-Net's "
                               "convolutions already see where each patch is")

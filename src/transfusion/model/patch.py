@@ -77,13 +77,14 @@ class LinearPatch(PatchEncoderBase):
     one (training, the samplers), the timestep MLP runs once per image instead of once per patch on CPU (1.7% of
     a 30-step sample). With `pos_emb`, a learned (n, dim) position embedding is added (`model.patch_pos_emb`)."""
 
-    def __init__(self, patch_dim: int, dim: int, image_patches: int, t_freq_dim: int = 256, pos_emb: bool = False):
+    def __init__(self, patch_dim: int, dim: int, image_patches: int, t_freq_dim: int = 256, pos_emb: bool = False,
+                 out_norm: bool = True):
         super().__init__()
         self.t_freq_dim, self.n = t_freq_dim, image_patches
         self.pos = nn.Parameter(torch.empty(image_patches, dim)) if pos_emb else None
         self.t_mlp = nn.Sequential(nn.Linear(t_freq_dim, dim), nn.SiLU(), nn.Linear(dim, patch_dim))
         self.proj_in = nn.Linear(patch_dim, dim)
-        self.norm_out = nn.LayerNorm(dim, elementwise_affine=True)
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=True) if out_norm else None
         self.proj_out = nn.Linear(dim, patch_dim)
 
     def encode(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, None]:
@@ -100,7 +101,7 @@ class LinearPatch(PatchEncoderBase):
         return h, None
 
     def decode(self, h: Tensor, ctx: None = None) -> Tensor:
-        return self.proj_out(self.norm_out(h))  # (P, D)
+        return self.proj_out(self.norm_out(h) if self.norm_out is not None else h)  # (P, D)
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
@@ -110,8 +111,9 @@ class LinearPatch(PatchEncoderBase):
         if self.pos is not None:  # 2-D sin-cos structure at the scale of the other embeddings
             table = sincos_2d(math.isqrt(self.pos.shape[0]), self.pos.shape[1]).to(self.pos.device)
             self.pos.copy_(table * (std / table.std()))
-        nn.init.ones_(self.norm_out.weight)
-        nn.init.zeros_(self.norm_out.bias)
+        if self.norm_out is not None:
+            nn.init.ones_(self.norm_out.weight)
+            nn.init.zeros_(self.norm_out.bias)
         # zero-init the output so an untrained model predicts eps = 0 (DiT-style): stable early diffusion loss
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -239,6 +241,7 @@ class UNetPatch(PatchEncoderBase):
 
 def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
     if cfg.patch_encoder == PatchEncoder.LINEAR:
-        return LinearPatch(cfg.patch_dim, cfg.dim, cfg.patches_per_image, pos_emb=cfg.patch_pos_emb)
+        return LinearPatch(cfg.patch_dim, cfg.dim, cfg.patches_per_image, pos_emb=cfg.patch_pos_emb,
+                           out_norm=cfg.patch_out_norm)
     return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
                      blocks=cfg.unet_blocks)

@@ -87,9 +87,10 @@ class Transfusion(nn.Module):
             h = block(h, rope, mask, cache)
         if cache is not None and commit:
             cache.commit(tokens.shape[1])
-        h = self.norm(h)
-        text_h = h if logits_mask is None else h[logits_mask]  # (B, L, dim) or (n_sel, dim)
-        pred = self.patch.decode(h[is_img], patch_ctx)  # (P, D)
+        h_out = self.norm(h)
+        text_h = h_out if logits_mask is None else h_out[logits_mask]  # (B, L, dim) or (n_sel, dim)
+        patch_out = (h_out if self.cfg.patch_out_norm else h)[is_img]  # model.patch_out_norm: normed or raw stream
+        pred = self.patch.decode(patch_out, patch_ctx)  # (P, D)
         return ModelOutput(logits=self.lm_head(text_h), diffusion=pred)
 
     def _mask(self, image_ids: Tensor, doc_ids: Tensor, cache: KVCache | None):
