@@ -19,6 +19,7 @@ import torch
 
 from transfusion import config as config_mod
 from transfusion import env
+from transfusion.log import log
 
 
 class CLIError(RuntimeError):
@@ -195,7 +196,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _missing(what: str) -> int:
-    print(f"error: {what} is not available in this build", file=sys.stderr)
+    log.error(f"{what} is not available in this build")
     return 2
 
 
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.debug():
             raise
         if env.is_rank0():
-            print(f"error: {e}", file=sys.stderr)
+            log.error(str(e))
         return 2
     except KeyboardInterrupt:
         return 130

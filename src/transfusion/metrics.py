@@ -63,9 +63,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, prediction: str = "epsilon") -> None:
-    """Total, LM and diffusion losses against step (log y), written atomically. `prediction` names what the
-    diffusion loss regresses (diffusion.prediction: "epsilon" or "v")."""
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, target: str = "eps") -> None:
+    """Total, LM and diffusion losses against step (log y), written atomically. `target` names what the
+    diffusion loss regresses: "eps", "v" or "velocity" (diffusion.prediction / diffusion.objective)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +73,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, prediction: 
 
     recs = [r for r in read_metrics(metrics_path) if "loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, label in (("loss", "total"), ("lm_loss", "LM (text)"), ("diffusion_loss", f"diffusion ({'eps' if prediction == 'epsilon' else prediction} MSE)")):
+    for key, label in (("loss", "total"), ("lm_loss", "LM (text)"), ("diffusion_loss", f"diffusion ({target} MSE)")):
         pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and r[key] > 0]
         if pts:
             ax.plot(*zip(*pts), label=label)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from transfusion.data import fashion
 from transfusion.env import cache_dir
+from transfusion.log import log
 
 _VERSION = 1  # bump when the architecture or preprocessing changes, so old caches are not reused
 
@@ -174,7 +175,7 @@ def train_classifier(cfg: ClassifierConfig = ClassifierConfig(), progress: bool 
                 opt.step()
                 sched.step()
             if progress:
-                print(f"classifier epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}", flush=True)
+                log.info(f"classifier epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
     acc = evaluate_accuracy(net, test_images, test_labels)
     return ItemClassifier(net.eval(), cfg, acc, time.time() - start)
 
@@ -218,11 +219,11 @@ def get_classifier(
         try:
             return load_classifier_file(path)
         except Exception as e:  # a corrupt cache file is retrained, never trusted
-            print(f"warning: ignoring unreadable classifier cache {path}: {e}")
+            log.warning(f"ignoring unreadable classifier cache {path}: {e}")
     if progress:
-        print(f"training the item classifier (cached at {path}) ...", flush=True)
+        log.info(f"training the item classifier (cached at {path}) ...")
     clf = train_classifier(cfg, progress=progress)
     if progress:
-        print(f"item classifier: test accuracy {clf.test_accuracy:.4f} in {clf.train_seconds:.0f}s", flush=True)
+        log.info(f"item classifier: test accuracy {clf.test_accuracy:.4f} in {clf.train_seconds:.0f}s")
     save_classifier(clf, path)
     return clf

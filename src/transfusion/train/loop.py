@@ -189,11 +189,18 @@ class Run:
         """Collective when sampling (every rank samples); rank 0 writes the files."""
         main = self.info.is_main
         if main:
-            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png",
-                            self.cfg.diffusion.prediction.value)
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png", diffusion_target(self.cfg))
         if self.cfg.train.sample_n > 0:
             path = self.out / "samples" / f"step_{self.state.step:08d}.png" if main else None
             write_samples(self.model, self.ema, self.tokenizer, self.cfg, path)
+
+
+def diffusion_target(cfg: Config) -> str:
+    """What the diffusion loss regresses, for labels: eps, v or the flow velocity."""
+    d = cfg.diffusion
+    if d.objective.value == "flow":
+        return "velocity"
+    return "eps" if d.prediction.value == "epsilon" else "v"
 
 
 def build_training_model(cfg: Config, info: DistInfo, mesh: Any | None) -> nn.Module:
