@@ -185,3 +185,23 @@ def test_generate_stops_at_the_end_of_the_context(run_dir: Path, tmp_path: Path,
     prompt = " ".join(["word"] * 120)
     assert main(["generate", "--ckpt", str(run_dir), "--prompt", prompt, "--max-new-tokens", "500",
                  "--temperature", "1.0", "--steps", "2", "--out-dir", str(tmp_path)]) == 0
+
+
+def test_min_new_tokens_bans_the_end_of_document(run_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`generate --min-new-tokens N`: EOS cannot end the text before N tokens, whatever the model prefers."""
+    from transfusion import decoding
+
+    real = decoding.sample_next
+
+    def prefers_eos(logits, *a, **kw):  # a model that always wants to stop, unless EOS is banned
+        boosted = logits.clone()
+        boosted[:, 2] = torch.where(torch.isinf(boosted[:, 2]), boosted[:, 2], boosted.max(-1).values + 10)
+        return real(boosted, *a, **kw)
+
+    monkeypatch.setattr(decoding, "sample_next", prefers_eos)
+    gen = ["generate", "--ckpt", str(run_dir), "--prompt", "x", "--steps", "2", "--out-dir", str(tmp_path)]
+    assert main([*gen, "--max-new-tokens", "20"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "x" and "ended the document after the prompt" in out.err
+    assert main([*gen, "--max-new-tokens", "12", "--min-new-tokens", "8"]) == 0
+    assert len(capsys.readouterr().out) >= len("x") + 8 + 1  # 8 tokens of at least one character, print's newline

@@ -143,7 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         parts = generate(
             m.model, m.tokenizer, args.prompt, build_schedule(m.config.diffusion),
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            generator=_generator(args.seed), **sampling,
+            generator=_generator(args.seed), min_new_tokens=args.min_new_tokens, **sampling,
         )
     pieces, n_img = [args.prompt], 0
     for part in parts:
@@ -155,6 +155,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             pieces.append(str(part))
     print("".join(p if not p.startswith("[image") else f"\n{p}\n" for p in pieces))
+    if not n_img and not "".join(pieces[1:]).strip():
+        log.info("note: the model ended the document after the prompt with no text but whitespace (EOS); ask for "
+                 "text with --min-new-tokens 32, or sample with --temperature 0.8")
     return 0
 
 
@@ -259,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 -> greedy (the paper's text decoding)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no end of document (EOS) before this many tokens")
     p.add_argument("--steps", type=int, default=0, help="denoising steps per image (default: diffusion.sample_steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale for images (default: diffusion.cfg_scale)")
     p.add_argument("--out-dir", default=".", help="where generated images are saved")

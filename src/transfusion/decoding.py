@@ -220,14 +220,17 @@ def generate_images(
 
 @torch.no_grad()
 def _lm_loop(dec: Decoder, logits: Tensor, tk: TokenizerLike, max_new_tokens: int, stop_ids: set[int],
-             banned: list[int], temperature: float, top_p: float, generator) -> list[list[int]]:
-    """Lock-step LM decoding of all rows until each hits a stop id; returns generated ids per row."""
+             banned: list[int], temperature: float, top_p: float, generator, min_new_tokens: int = 0,
+             ) -> list[list[int]]:
+    """Lock-step LM decoding of all rows until each hits a stop id; returns generated ids per row. EOS is
+    banned for the first `min_new_tokens` tokens."""
     B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        if banned:
-            logits[:, banned] = float("-inf")
+    for j in range(max_new_tokens):
+        ban = banned + [tk.eos_id] if j < min_new_tokens else banned
+        if ban:
+            logits[:, ban] = float("-inf")
         nxt = sample_next(logits, temperature, top_p, generator).cpu()
         for b in range(B):
             if not done[b]:
@@ -261,13 +264,15 @@ def generate(
     max_new_tokens: int = 128, max_images: int = 4, steps: int = 250, cfg_scale: float = 3.0,
     sampler: str = "ddpm", temperature: float = 0.0, top_p: float = 1.0,
     generator: torch.Generator | None = None, progress: bool = True, clip_x0: float | None = 1.0,
+    min_new_tokens: int = 0,
 ) -> list[str | Tensor]:
     """Free mode-switching generation from a text prompt: a list of text pieces and images (C, H, W).
 
     When the model emits BOI (or the prompt ends with "<boi>"), an image is diffused; EOI is appended and text
-    continues, until EOS, `max_new_tokens` text tokens or `max_images` images. At each BOI the context is
-    prefilled once together with its unconditional twin for CFG (a negligible cost next to the diffusion
-    steps), then decoding continues on the conditional row alone.
+    continues, until EOS, `max_new_tokens` text tokens or `max_images` images; EOS is banned until
+    `min_new_tokens` text tokens are out (greedy decoding of a short prompt can end the document at once).
+    At each BOI the context is prefilled once together with its unconditional twin for CFG (a negligible cost
+    next to the diffusion steps), then decoding continues on the conditional row alone.
     """
     tk = tokenizer
     force_image = prompt.rstrip().endswith("<boi>")
@@ -283,7 +288,8 @@ def generate(
             logits = dec.prefill([context])
             room = model.cfg.max_seq_len - _length(context, n)  # text stops where the context ends
             ids = _lm_loop(dec, logits, tk, min(budget, room), {tk.eos_id, tk.boi_id},
-                           [tk.bos_id, tk.eoi_id, tk.pad_id], temperature, top_p, generator)[0]
+                           [tk.bos_id, tk.eoi_id, tk.pad_id], temperature, top_p, generator,
+                           min_new_tokens - (max_new_tokens - budget))[0]
             budget -= len(ids)
             text_ids = [i for i in ids if i not in (tk.eos_id, tk.boi_id)]
             if text_ids:
