@@ -58,7 +58,9 @@ def _num_params(cfg: config_mod.Config) -> int:
 def run_variant(config: str, name: str, overrides: list[str], out: Path, steps: int | None, n: int,
                 device: str, clf) -> dict:
     """Train one variant into out/name, then score its samples (raw weights, and the EMA when there is one)."""
-    extra = [f"train.device={device}", "train.sample_every=0"] + ([f"train.steps={steps}"] if steps else [])
+    # a fixed step budget, not a wall-clock one: the variants must see the same data (time_limit_min off)
+    extra = [f"train.device={device}", "train.sample_every=0", "train.time_limit_min=0"]
+    extra += [f"train.steps={steps}"] if steps else []
     cfg = config_mod.load(config, overrides + extra)
     t0 = time.time()
     train(cfg, out / name, progress=False)

@@ -304,3 +304,17 @@ def test_raw_stream_patch_decoder_keeps_the_input_scale():
     assert torch.allclose(small, b.patches, atol=1e-4) and torch.allclose(big, 3 * b.patches, atol=1e-4)
     with pytest.raises(ConfigError, match="patch_out_norm"):
         ModelConfig.from_name("micro", patch_encoder="unet", patch_out_norm=False)
+
+
+def test_patch_init_std_scales_the_encoder_input_side_only():
+    """model.patch_init_std: the timestep MLP and the patch projection are drawn at that std; the transformer
+    and the zero-initialised output keep theirs; 0 keeps model.init_std."""
+    from transfusion.model.build import build_model
+
+    base = build_model(ModelConfig.from_name("micro"), seed=0)
+    wide = build_model(ModelConfig.from_name("micro", patch_init_std=0.2), seed=0)
+    for lin in (wide.patch.t_mlp[0], wide.patch.t_mlp[2], wide.patch.proj_in):
+        assert abs(float(lin.weight.std()) - 0.2) < 0.03
+    assert abs(float(base.patch.proj_in.weight.std()) - 0.02) < 0.005
+    assert torch.equal(wide.layers[0].attn.wqkv.weight, base.layers[0].attn.wqkv.weight)
+    assert not wide.patch.proj_out.weight.any()

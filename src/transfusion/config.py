@@ -97,6 +97,10 @@ class ModelConfig:
     # what the linear patch decoder reads: the final-normalised hidden state through a LayerNorm (True), or the raw
     # residual stream before the final norm (False), whose scale carries x_t's (docs/quality.md: the eps ablation)
     patch_out_norm: bool = True
+    # init std of the linear patch encoder's input side (timestep MLP and patch projection); 0 -> init_std. The
+    # transformer's 0.02 makes the timestep enter at ~0.05 against x_t's ~1 (docs/quality.md); 1/sqrt(fan-in)
+    # scales (~0.1-0.15 here) give it and the patch O(1) weight at init
+    patch_init_std: float = 0.0
     attention_mask: AttentionMask = AttentionMask.TRANSFUSION
     attention_impl: AttentionImpl = AttentionImpl.SDPA
 

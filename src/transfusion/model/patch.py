@@ -78,9 +78,9 @@ class LinearPatch(PatchEncoderBase):
     a 30-step sample). With `pos_emb`, a learned (n, dim) position embedding is added (`model.patch_pos_emb`)."""
 
     def __init__(self, patch_dim: int, dim: int, image_patches: int, t_freq_dim: int = 256, pos_emb: bool = False,
-                 out_norm: bool = True):
+                 out_norm: bool = True, in_std: float = 0.0):
         super().__init__()
-        self.t_freq_dim, self.n = t_freq_dim, image_patches
+        self.t_freq_dim, self.n, self.in_std = t_freq_dim, image_patches, in_std
         self.pos = nn.Parameter(torch.empty(image_patches, dim)) if pos_emb else None
         self.t_mlp = nn.Sequential(nn.Linear(t_freq_dim, dim), nn.SiLU(), nn.Linear(dim, patch_dim))
         self.proj_in = nn.Linear(patch_dim, dim)
@@ -105,8 +105,9 @@ class LinearPatch(PatchEncoderBase):
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
+        in_std = self.in_std or std
         for lin in (self.t_mlp[0], self.t_mlp[2], self.proj_in):
-            nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(lin.weight, std=in_std)
             nn.init.zeros_(lin.bias)
         if self.pos is not None:  # 2-D sin-cos structure at the scale of the other embeddings
             table = sincos_2d(math.isqrt(self.pos.shape[0]), self.pos.shape[1]).to(self.pos.device)
@@ -242,6 +243,6 @@ class UNetPatch(PatchEncoderBase):
 def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
     if cfg.patch_encoder == PatchEncoder.LINEAR:
         return LinearPatch(cfg.patch_dim, cfg.dim, cfg.patches_per_image, pos_emb=cfg.patch_pos_emb,
-                           out_norm=cfg.patch_out_norm)
+                           out_norm=cfg.patch_out_norm, in_std=cfg.patch_init_std)
     return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
                      blocks=cfg.unet_blocks)
