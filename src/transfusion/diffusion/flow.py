@@ -9,8 +9,8 @@ and the KV-cached decoding. Sampling integrates dx/ds = u from s = 1 to s = 0 on
 timesteps, with Euler or Heun (2nd order; two network calls per step but the last), classifier-free guidance on
 the velocity (linear, so the same combination as on eps), and optional x_0 clipping.
 
-The peer (transfusion-pytorch) and systems such as SD3, BAGEL and JanusFlow train this objective; here it is
-measured against eps and v on the same scorer (docs/quality.md).
+The peer (transfusion-pytorch) and systems such as SD3, BAGEL and JanusFlow train this objective. Its comparison
+with eps and v at equal compute on the same scorer has not been run yet (issue 12 §3).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from transfusion.config import Sampler
-from transfusion.diffusion.schedule import respaced_timesteps
+from transfusion.diffusion.schedule import respaced_timesteps, uniform_timesteps
 
 Predict = Callable[[Tensor, Tensor], Tensor]  # (x (..., D), t scalar long) -> guided network output
 
@@ -47,11 +47,7 @@ class FlowSchedule:
         return noise - x0
 
     def sample_timesteps(self, max_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Uniform integer t in [0, max_t] per image, as the DDPM schedule draws them."""
-        max_t = max_t.clamp(0, self.num_steps - 1)
-        u = torch.rand(max_t.shape, generator=generator, device=max_t.device if generator is None
-                       else generator.device)
-        return torch.minimum((u.to(max_t.device) * (max_t + 1).float()).long(), max_t)
+        return uniform_timesteps(max_t, self.num_steps, generator)
 
 
 class FlowSampler:
@@ -63,7 +59,7 @@ class FlowSampler:
         if self.kind not in (Sampler.EULER, Sampler.HEUN):
             raise ValueError(f"the flow objective samples with 'euler' or 'heun', not {self.kind.value!r}")
         self.timesteps = respaced_timesteps(schedule.num_steps, steps)  # (S,) descending
-        s = (self.timesteps.double() + 1) / schedule.num_steps
+        s = schedule.sigma(self.timesteps, torch.zeros((), dtype=torch.float64))
         self.s = torch.cat([s, torch.zeros(1, dtype=torch.float64)])  # (S + 1,), ends at s = 0 (clean)
 
     def __len__(self) -> int:

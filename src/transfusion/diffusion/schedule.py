@@ -70,11 +70,7 @@ class NoiseSchedule:
         return (1 - a).sqrt() * x_t + a.sqrt() * pred
 
     def sample_timesteps(self, max_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Uniform integer t in [0, max_t] per image; max_t (N,) implements the §4.3.4 noise limit."""
-        max_t = max_t.clamp(0, self.num_steps - 1)
-        u = torch.rand(max_t.shape, generator=generator, device=max_t.device if generator is None
-                       else generator.device)
-        return torch.minimum((u.to(max_t.device) * (max_t + 1).float()).long(), max_t)
+        return uniform_timesteps(max_t, self.num_steps, generator)
 
 
 def respaced_timesteps(num_train_steps: int, steps: int) -> Tensor:
@@ -82,3 +78,12 @@ def respaced_timesteps(num_train_steps: int, steps: int) -> Tensor:
     if not 1 <= steps <= num_train_steps:
         raise ValueError(f"sampling steps must be in [1, {num_train_steps}], got {steps}")
     return torch.linspace(num_train_steps - 1, 0, steps).round().long()
+
+
+def uniform_timesteps(max_t: Tensor, num_steps: int, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform integer t in [0, max_t] per image; max_t (N,) implements the §4.3.4 noise limit. Shared by the
+    DDPM and flow schedules, so both objectives see the same timesteps for the same draw."""
+    max_t = max_t.clamp(0, num_steps - 1)
+    u = torch.rand(max_t.shape, generator=generator, device=max_t.device if generator is None
+                   else generator.device)
+    return torch.minimum((u.to(max_t.device) * (max_t + 1).float()).long(), max_t)
