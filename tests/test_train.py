@@ -38,6 +38,8 @@ def test_thirty_steps_loss_falls(tmp_path) -> None:
     assert recs[-1]["lm_loss"] < recs[0]["lm_loss"]
     assert summary["skipped_steps"] == 0 and summary["steps"] == 30
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in recs)
+    train_s = [r["train_s"] for r in recs]  # cumulative step time: the x axis of time-to-quality
+    assert train_s[0] > 0 and all(b > a for a, b in zip(train_s, train_s[1:]))
     assert (tmp_path / "run" / "loss_curve.png").is_file()
     assert _weights(tmp_path / "run")[1] is not None  # the checkpoint carries the EMA
     assert config.load(tmp_path / "run" / "config.toml").train.ema == 0.9
@@ -83,6 +85,9 @@ def test_kill9_and_resume_gives_identical_losses(tmp_path) -> None:
     assert max(diffs.values()) <= 1e-6, {s: d for s, d in diffs.items() if d > 1e-6}
     for wa, wb in zip(_weights(ref), _weights(killed)):  # weights, then EMA
         assert wa is not None and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the step clock travels with the checkpoint: after the resume it goes on from the saved value
+    clock = {r["step"]: r["train_s"] for r in read_metrics(killed / "metrics.jsonl")}
+    assert all(clock[s + 1] > clock[s] for s in range(1, 30))
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch) -> None:

@@ -82,6 +82,8 @@ class TrainState:
     skipped_steps: int = 0  # total steps skipped for a non-finite loss or gradient
     bad_in_row: int = 0
     tokens_seen: int = 0
+    train_s: float = 0.0  # wall seconds in optimiser steps (data, forward, backward, update, EMA; not saves
+    # or sample grids), summed over resumes: the x axis of time-to-quality curves
 
 
 # ------------------------------------------------------------------------------------------ construction
@@ -258,6 +260,7 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
     tok_window, stats = 0, None
     with StopAtStepBoundary() as stop:
         while state.step < tc.steps:
+            t_step = time.perf_counter()
             lr = lr_at(state.step, tc)
             set_lr(run.optimizer, lr)
             batch = next(batches).to(info.device)
@@ -267,6 +270,7 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
                 run.ema.update(run.model, step=state.step)  # the step just taken: the decay warms up with it
             state.step += 1
             state.tokens_seen += stats.tokens
+            state.train_s += time.perf_counter() - t_step
             tok_window += stats.tokens
             _count_bad(state, stats, tc.max_bad_steps, info.is_main)
             if state.step % tc.log_every == 0 or state.step == tc.steps or stats.skipped:
@@ -295,6 +299,7 @@ def _log_record(state: TrainState, stats: StepResult, lr: float, tok_s: float) -
         "step": state.step, "loss": stats.loss, "lm_loss": stats.lm_loss, "diffusion_loss": stats.diffusion_loss,
         "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tok_s, 1), "n_images": stats.n_images,
         "skipped": stats.skipped, "skipped_steps": state.skipped_steps, "tokens_seen": state.tokens_seen,
+        "train_s": round(state.train_s, 2),
     }
 
 
