@@ -106,3 +106,20 @@ def test_v_prediction_oracle_through_the_decoder_recovers_x0():
     out = Decoder.diffuse(dec, sampler, cfg_scale=1.0, n_cond=1, generator=torch.Generator().manual_seed(0),
                           commit=False)
     assert (out - x0).abs().max() < 1e-4
+
+
+def test_min_snr_weighting_caps_low_noise_timesteps():
+    from transfusion.config import ConfigError, DiffusionConfig
+
+    t = torch.tensor([0, 100, 500, 900, 999])
+    assert NoiseSchedule().loss_weight(t) is None  # the paper's uniform weighting
+    eps = NoiseSchedule(weighting="min_snr", min_snr_gamma=5.0)
+    w = eps.loss_weight(t)
+    a = eps.alphas_cumprod[t]
+    snr = a / (1 - a)
+    assert torch.allclose(w, (snr.clamp(max=5.0) / snr).float())
+    assert w[0] < 1e-3 and w[-1] == 1.0 and bool((w[1:] >= w[:-1]).all())  # low noise capped, high noise kept
+    v = NoiseSchedule(prediction="v", weighting="min_snr").loss_weight(t)
+    assert torch.allclose(v, (snr.clamp(max=5.0) / (snr + 1)).float())
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        DiffusionConfig(objective="flow", sampler="euler", loss_weighting="min_snr")

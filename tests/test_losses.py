@@ -107,6 +107,24 @@ def test_v_prediction_loss_regresses_v_with_the_same_draws():
     assert not torch.allclose(out.diffusion_loss, eps_out.diffusion_loss)
 
 
+def test_min_snr_weighting_weights_each_image_by_its_timestep():
+    """diffusion.loss_weighting = "min_snr": each image's mean squared error times min(SNR, 5) / SNR."""
+    from transfusion.losses import noised_patches
+
+    model = micro_model()
+    b = random_batch(model.cfg, B=2, L=64, seed=4)
+    schedule = NoiseSchedule(weighting="min_snr", min_snr_gamma=5.0)
+    out = transfusion_loss(model, b, schedule, generator=torch.Generator().manual_seed(0))
+    x_t, t, noise, img = noised_patches(b, schedule, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps = model(b.tokens, b.image_ids, b.doc_ids, b.positions, x_t, t).diffusion
+    w = schedule.loss_weight(t)
+    per_image = [w[img == k][0] * ((eps[img == k] - noise[img == k]) ** 2).mean() for k in range(b.num_images)]
+    assert torch.allclose(out.diffusion_loss, torch.stack(per_image).mean(), atol=1e-6)
+    plain = transfusion_loss(model, b, NoiseSchedule(), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(out.diffusion_loss, plain.diffusion_loss)
+
+
 def test_v_prediction_model_overfits_a_fixed_batch():
     model = micro_model(seed=0).train()
     b = random_batch(model.cfg, B=2, L=48, seed=7, max_docs=1)

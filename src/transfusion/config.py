@@ -46,6 +46,12 @@ class Prediction(str, enum.Enum):
     V = "v"  # an extension (Salimans & Ho 2022): v = sqrt(abar) eps - sqrt(1 - abar) x0, well conditioned at high t
 
 
+class LossWeighting(str, enum.Enum):
+    NONE = "none"  # paper eq. 3: every timestep's MSE counts alike
+    MIN_SNR = "min_snr"  # an extension (Hang et al. 2023): per-image weight min(SNR, gamma) / SNR (eps) or
+    # min(SNR, gamma) / (SNR + 1) (v): caps the low-noise timesteps' share of the gradient
+
+
 class Sampler(str, enum.Enum):
     DDPM = "ddpm"  # ancestral sampling (paper default)
     DDIM = "ddim"  # deterministic DDIM (eta = 0), an extension
@@ -171,6 +177,8 @@ class DiffusionConfig:
     schedule: str = "cosine"  # Nichol & Dhariwal 2021, s = 0.008
     prediction: Prediction = Prediction.EPSILON  # what the patch decoder outputs; the loss is MSE on it
     noise_limit: int = 500  # max t for images that come before their caption (paper §4.3.4)
+    loss_weighting: LossWeighting = LossWeighting.NONE  # per-timestep weight of the diffusion MSE (an option)
+    min_snr_gamma: float = 5.0  # gamma of loss_weighting = "min_snr" (Hang et al.'s default)
     # sampling: the one place every command reads (trainer grids, sample, generate, eval, demo)
     sample_steps: int = 250  # paper §4.1: 250 of the 1000 training steps
     sampler: Sampler = Sampler.DDPM
@@ -180,6 +188,11 @@ class DiffusionConfig:
         self.objective = Objective(self.objective)
         self.prediction = Prediction(self.prediction)
         self.sampler = Sampler(self.sampler)
+        self.loss_weighting = LossWeighting(self.loss_weighting)
+        if self.loss_weighting != LossWeighting.NONE and self.objective != Objective.DDPM:
+            raise ConfigError("diffusion.loss_weighting is a DDPM setting; the flow objective takes 'none'")
+        if self.min_snr_gamma <= 0:
+            raise ConfigError(f"diffusion.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         if self.sampler not in samplers_for(self.objective):
             raise ConfigError(f"diffusion.sampler={self.sampler.value!r} does not sample the "
                               f"{self.objective.value!r} objective; use one of "

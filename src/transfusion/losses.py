@@ -5,7 +5,7 @@
 - L_DDPM: eps-prediction MSE (eq. 3; the MSE to v with diffusion.prediction = "v", or to the velocity with
   diffusion.objective = "flow": each schedule's `target`),
   averaged over each image's patch values first, then over images, so a large image counts as one example like
-  a small one.
+  a small one; `diffusion.loss_weighting = "min_snr"` (an option) weights each image's term by its timestep.
 
 Each image gets its own timestep (uniform in [0, image_max_t], the §4.3.4 noise limit for image-first
 examples); noise and timesteps are drawn from an explicit generator so training is reproducible and resumable.
@@ -70,7 +70,11 @@ def transfusion_loss(
     n_img = batch.num_images
     target = schedule.target(batch.patches.float(), noise.float(), t)  # (P, D): eps, or v (an option)
     per_value = (out.diffusion.float() - target).pow(2)  # (P, D)
-    sums = torch.zeros(n_img, device=per_value.device).index_add(0, patch_image, per_value.sum(-1))
+    per_patch = per_value.sum(-1)  # (P,)
+    weight = schedule.loss_weight(t)  # (P,), or None for the paper's uniform weighting
+    if weight is not None:  # diffusion.loss_weighting: every patch of an image shares its t, hence its weight
+        per_patch = per_patch * weight
+    sums = torch.zeros(n_img, device=per_value.device).index_add(0, patch_image, per_patch)
     counts = torch.bincount(patch_image, minlength=n_img).clamp(min=1) * per_value.shape[-1]
     diff_sum = (sums / counts).sum()  # sum over images of each image's mean squared error
 

@@ -46,6 +46,10 @@ class FlowSchedule:
         """The velocity eps - x0 (P, D), whatever t is."""
         return noise - x0
 
+    def loss_weight(self, t: Tensor) -> None:
+        """Uniform weight over t (the DDPM schedule's `loss_weighting` options do not apply here)."""
+        return None
+
     def sample_timesteps(self, max_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return uniform_timesteps(max_t, self.num_steps, generator)
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from transfusion.config import DiffusionConfig, Prediction
+from transfusion.config import DiffusionConfig, LossWeighting, Prediction
 
 
 def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -35,16 +35,18 @@ def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.
 
 
 class NoiseSchedule:
-    def __init__(self, num_steps: int = 1000, kind: str = "cosine", prediction: Prediction | str = "epsilon"):
+    def __init__(self, num_steps: int = 1000, kind: str = "cosine", prediction: Prediction | str = "epsilon",
+                 weighting: LossWeighting | str = "none", min_snr_gamma: float = 5.0):
         if kind != "cosine":
             raise ValueError(f"unknown noise schedule {kind!r}; available: 'cosine'")
         self.num_steps = num_steps
         self.prediction = Prediction(prediction)
+        self.weighting, self.min_snr_gamma = LossWeighting(weighting), min_snr_gamma
         self.alphas_cumprod = cosine_alphas_cumprod(num_steps)  # (T,) float64
 
     @classmethod
     def from_config(cls, dc: DiffusionConfig) -> "NoiseSchedule":
-        return cls(dc.num_train_steps, dc.schedule, dc.prediction)
+        return cls(dc.num_train_steps, dc.schedule, dc.prediction, dc.loss_weighting, dc.min_snr_gamma)
 
     def abar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar at integer timesteps t (any shape), as `like`'s dtype/device."""
@@ -68,6 +70,19 @@ class NoiseSchedule:
             return pred
         a = self.abar(t, x_t).unsqueeze(-1)
         return (1 - a).sqrt() * x_t + a.sqrt() * pred
+
+    def loss_weight(self, t: Tensor) -> Tensor | None:
+        """Per-timestep weight of the diffusion MSE at t (any shape), or None for the paper's uniform weight.
+
+        Min-SNR-gamma: in x0 terms the eps-MSE is SNR(t) * |x0 - x0_hat|^2, so the low-noise timesteps dominate
+        the gradient; capping that weight at gamma leaves relatively more of it for the high-noise timesteps,
+        where an image's layout and colour are decided."""
+        if self.weighting == LossWeighting.NONE:
+            return None
+        a = self.alphas_cumprod.to(t.device)[t.long()]
+        snr = a / (1 - a)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        return (capped / snr if self.prediction == Prediction.EPSILON else capped / (snr + 1)).float()
 
     def sample_timesteps(self, max_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return uniform_timesteps(max_t, self.num_steps, generator)
