@@ -156,7 +156,8 @@ def run_ours(out: Path, args, items, colours) -> list[dict]:
 
     run = out / "ours"
     if not (run / "checkpoints").exists():
-        subprocess.run([str(Path(sys.executable).parent / "transfusion"), "train", "configs/tiny.toml", "--out", str(run),
+        cli = str(Path(sys.executable).parent / "transfusion")
+        subprocess.run([cli, "train", "configs/tiny.toml", "--out", str(run),
                         "--set", f"train.ckpt_every={args.ours_every}", "--set", "train.keep_checkpoints=0",
                         "--set", "train.time_limit_min=0"], check=True, cwd=ROOT)
     points = []

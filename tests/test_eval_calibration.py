@@ -97,3 +97,19 @@ def test_full_classifier_accuracy_and_calibration(prompts) -> None:
     res = alignment.score_alignment(real_images(items, colours), items, colours, clf).summary()
     assert res["both"] >= 0.9 and res["both_heldout"] >= 0.85
     assert np.isfinite(fid.fd_classifier(real_images(items, colours, seed=1), real_images(items, colours), clf))
+
+
+def test_diversity_of_real_images_is_about_one_and_collapse_is_caught(classifier, prompts) -> None:
+    """Two independent real sets of the same prompts: spread ratio ~1, high precision and recall. The same prompts
+    each drawn as one repeated real image (mode collapse) keep their alignment but lose the spread and the recall."""
+    from transfusion.evaluate.diversity import diversity_report
+
+    items, colours = prompts
+    real_a, real_b = real_images(items, colours, seed=0), real_images(items, colours, seed=1)
+    same = diversity_report(classifier, real_b, real_a, items, colours)
+    assert 0.8 < same["diversity_ratio"] < 1.25 and same["precision"] > 0.8 and same["recall"] > 0.8
+    keys = (items * 8 + colours).tolist()
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first sample of each prompt
+    collapsed = real_b[torch.tensor([first[k] for k in keys])]
+    col = diversity_report(classifier, collapsed, real_a, items, colours)
+    assert col["diversity_ratio"] < 0.05 and col["recall"] < same["recall"] - 0.3

@@ -82,8 +82,8 @@ def test_report_end_to_end(tmp_path: Path, tok) -> None:
     finally:
         del rep.SUITES["test"]
     on_disk = json.loads(out.read_text())
-    for key in ("fid", "fd_classifier", "alignment", "cider", "caption_accuracy", "perplexity", "ranked_accuracy",
-                "n_samples", "sampler", "steps", "cfg", "seconds"):
+    for key in ("fid", "fd_classifier", "diversity", "alignment", "cider", "caption_accuracy", "perplexity",
+                "ranked_accuracy", "n_samples", "sampler", "steps", "cfg", "seconds"):
         assert key in on_disk, key
     assert set(on_disk["alignment"]) >= {"item", "colour", "both", "both_heldout"}
     assert on_disk["n_samples"] == 6 and on_disk["steps"] == 2 and on_disk["fid"] is None

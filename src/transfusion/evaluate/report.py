@@ -4,7 +4,8 @@
     score_folder(images_dir, out=...)                                       -> dict, for any generator's images
 
 Beside REPORT.json it writes REPORT_samples/<prompt>.png (the samples of each prompt), REPORT_grid.png and
-REPORT.md. Keys: fid, fd_classifier, alignment{item, colour, both, both_seen, both_heldout, ...}, cider,
+REPORT.md. Keys: fid, fd_classifier, diversity{diversity_ratio, precision, recall, ...},
+alignment{item, colour, both, both_seen, both_heldout, ...}, cider,
 caption_accuracy{item, colour, both}, perplexity, ranked_accuracy, n_samples, sampler, steps, cfg, counts of
 every sample set, classifier_test_accuracy and seconds per stage. A metric that cannot be computed is null with
 the reason under `skipped_metrics`.
@@ -99,6 +100,7 @@ def _timed(timings: dict[str, float], name: str, fn, *args, **kw):
 
 def _image_metrics(report, timings, images, items, colours, clf, suite: Suite, seed: int, progress: bool) -> None:
     from transfusion.evaluate import alignment, fid
+    from transfusion.evaluate.diversity import diversity_report
     from transfusion.evaluate.reference import real_images
 
     report["alignment"] = _timed(timings, "alignment", lambda: alignment.score_alignment(
@@ -106,6 +108,8 @@ def _image_metrics(report, timings, images, items, colours, clf, suite: Suite, s
     real = real_images(items, colours, seed=seed)
     report["n_real"] = len(real)
     report["fd_classifier"] = _timed(timings, "fd_classifier", fid.fd_classifier, images, real, clf)
+    if len(images) > 3:  # diversity vs the matched real set (precision/recall need more than k = 3 images)
+        report["diversity"] = _timed(timings, "diversity", diversity_report, clf, images, real, items, colours)
     report["fid"] = None
     if suite.fid:
         try:
@@ -209,6 +213,7 @@ def _fmt(v: Any) -> str:
 def markdown_summary(report: dict[str, Any]) -> str:
     a = report.get("alignment") or {}
     cap = report.get("caption_accuracy") or {}
+    div = report.get("diversity") or {}
     lines = [
         f"# Evaluation: {report.get('checkpoint', report.get('folder', '?'))}",
         "",
@@ -220,6 +225,8 @@ def markdown_summary(report: dict[str, Any]) -> str:
         "|---|---|",
         f"| FID (Inception, {report.get('n_samples')} vs {report.get('n_real', '-')} real) | {_fmt(report.get('fid'))} |",
         f"| FD classifier features | {_fmt(report.get('fd_classifier'))} |",
+        f"| diversity vs real (spread ratio) / precision / recall | {_fmt(div.get('diversity_ratio'))} / "
+        f"{_fmt(div.get('precision'))} / {_fmt(div.get('recall'))} |",
         f"| alignment item / colour / both | {_fmt(a.get('item'))} / {_fmt(a.get('colour'))} / {_fmt(a.get('both'))} |",
         f"| both, seen / held-out combos ({a.get('n_heldout', 0)} held-out) | {_fmt(a.get('both_seen'))} / "
         f"{_fmt(a.get('both_heldout'))} |",
