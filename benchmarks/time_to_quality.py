@@ -118,16 +118,17 @@ def export_data(out: Path, n_prompts: int) -> tuple[Path, Path, object, object]:
     from transfusion.tokenizer import Tokenizer
 
     tk = Tokenizer.load(None)
+    items, colours = eval_prompts(n_prompts, seed=0, heldout_share=0.25)
+    data, prompts = out / "peer_data.npz", out / "peer_prompts.npz"
+    if data.exists() and prompts.exists() and len(np.load(prompts)["caption_len"]) == n_prompts:
+        return data, prompts, items, colours  # exported by an earlier (interrupted) run
     ds = colour_fashion_set(tk, "train", 28, True)
     patches = np.concatenate([
         patchify(ds.render(np.arange(i, min(i + 4096, len(ds)))), 4).add(1).mul(127.5).round().clamp(0, 255)
         .to(torch.uint8).numpy() for i in range(0, len(ds), 4096)])  # (N, 49, 48) uint8
     rng = np.random.default_rng(0)
     caps = [ds.caption_sets[c][rng.integers(len(ds.caption_sets[c]))] for c in ds.caption_of]
-    data = out / "peer_data.npz"
     _save_captions(data, caps, tk.vocab_size, patches=patches)
-    items, colours = eval_prompts(n_prompts, seed=0, heldout_share=0.25)
-    prompts = out / "peer_prompts.npz"
     _save_captions(prompts, [np.asarray(tk.encode(fashion.caption(int(i), int(c))))
                              for i, c in zip(items, colours)], tk.vocab_size)
     return data, prompts, items, colours
@@ -163,7 +164,7 @@ def run_ours(out: Path, args, items, colours) -> list[dict]:
     points = []
     for ck in sorted((run / "checkpoints").glob("step_*")):
         m = load(ck)
-        state = json.loads((ck / "train_state.json").read_text())["trainer"]
+        state = json.loads((ck / "train_state.json").read_text())["train_state"]["trainer"]
         d = m.config.diffusion
         with torch.no_grad():
             imgs = generate_for_prompts(m.model, m.tokenizer, m.config, items, colours, d.sample_steps,
