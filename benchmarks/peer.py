@@ -31,18 +31,21 @@ from common import Workload, emit, median, set_threads, time_calls, workload  # 
 PEER_EXTRA_IDS = 3 + 2 + 129  # sos/eos/null + som/eom (one modality) + meta ids
 
 
-def build_peer(w: Workload) -> torch.nn.Module:
+def peer_model(num_text_tokens: int, dim_latent: int, side: int, dim: int, depth: int, heads: int, dim_head: int,
+               add_pos_emb: bool = False) -> torch.nn.Module:
+    """The peer's Transfusion with its defaults but these sizes (also used by time_to_quality.py)."""
     from loguru import logger
     from transfusion_pytorch import Transfusion
 
     logger.remove()  # its sampler logs at INFO on every call
-    side = w.image_size // w.patch_size
-    return Transfusion(
-        num_text_tokens=w.vocab_size - PEER_EXTRA_IDS,
-        dim_latent=w.patch_dim,
-        modality_default_shape=(side, side),
-        transformer=dict(dim=w.dim, depth=w.n_layers, dim_head=w.head_dim, heads=w.n_heads),
-    )
+    return Transfusion(num_text_tokens=num_text_tokens, dim_latent=dim_latent, modality_default_shape=(side, side),
+                       add_pos_emb=add_pos_emb,
+                       transformer=dict(dim=dim, depth=depth, dim_head=dim_head, heads=heads))
+
+
+def build_peer(w: Workload) -> torch.nn.Module:
+    return peer_model(w.vocab_size - PEER_EXTRA_IDS, w.patch_dim, w.image_size // w.patch_size, w.dim, w.n_layers,
+                      w.n_heads, w.head_dim)
 
 
 def make_batch(w: Workload, gen: torch.Generator) -> list[list[Any]]:

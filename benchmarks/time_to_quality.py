@@ -40,13 +40,9 @@ GRID, PATCH = 7, 48  # 28x28 RGB in 4x4 patches
 
 
 def build_peer(vocab: int):
-    import torch  # noqa: F401
-    from loguru import logger
-    from transfusion_pytorch import Transfusion
+    from peer import peer_model  # benchmarks/peer.py: the one place the peer model is built
 
-    logger.remove()
-    return Transfusion(num_text_tokens=vocab, dim_latent=PATCH, modality_default_shape=(GRID, GRID),
-                       add_pos_emb=True, transformer=dict(dim=256, depth=8, dim_head=64, heads=4))
+    return peer_model(vocab, PATCH, GRID, dim=256, depth=8, heads=4, dim_head=64, add_pos_emb=True)
 
 
 def peer_train(args: argparse.Namespace) -> None:
