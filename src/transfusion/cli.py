@@ -161,6 +161,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The web demo: a page and a JSON/PNG API on --host:--port (loopback unless asked otherwise)."""
+    import importlib.util
+    import socket
+
+    missing = [m for m in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CLIError(f"the web demo needs {', '.join(missing)}: pip install -e '.[serve]' (make venv has it)")
+    from transfusion.serve import ServeLimits, serve
+
+    for name in ("max_queue", "port"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.max_upload_mb <= 0 or args.timeout <= 0:
+        raise CLIError("--max-upload-mb and --timeout must be positive")
+    try:  # before the model loads: a port in use is the commonest mistake
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise CLIError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from e
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.info(f"warning: serving on {args.host}, reachable from other machines; the demo has no authentication")
+    limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                         max_queue=args.max_queue, timeout_s=args.timeout)
+    serve(args.ckpt, args.host, args.port, limits, use_ema=not args.no_ema)
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Report what the data pipeline will use: dataset location (or how to get it) and the tokenizer."""
     from transfusion.data.fashion import fashion_dir
@@ -269,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="generated", help="image file name prefix")
     p.add_argument("--scale", type=int, default=4)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="the web demo: a page and a JSON/PNG API for one model")
+    p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or a step directory")
+    p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=4.0, help="uploads above this are refused (413)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="decoded image size limit (413)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests queued or running; more get 429")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queue wait included (504)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="check the data and tokenizer a config will use")
     p.add_argument("config", nargs="?", default=None)

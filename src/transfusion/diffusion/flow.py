@@ -25,6 +25,9 @@ from transfusion.config import Sampler
 from transfusion.diffusion.schedule import respaced_timesteps, uniform_timesteps
 
 Predict = Callable[[Tensor, Tensor], Tensor]  # (x (..., D), t scalar long) -> guided network output
+# True: a tqdm bar; a callable: called as progress(steps_done, steps_total) after every step (the web demo's live
+# progress; it may raise to cancel the sampling); False: silent.
+Progress = bool | Callable[[int, int], None]
 
 
 class FlowSchedule:
@@ -80,15 +83,23 @@ class FlowSampler:
         return (x - x0) / s
 
     def sample(self, x: Tensor, predict: Predict, generator: torch.Generator | None = None,
-               progress: bool = False) -> Tensor:
+               progress: Progress = False) -> Tensor:
         """x (..., D) at s = 1 (pure noise) -> x_0. `predict(x, t)` returns the (guided) velocity at x."""
-        for i in tqdm(range(len(self)), desc="flow", disable=not progress, leave=False):
+        for i in tqdm(range(len(self)), desc="flow", disable=progress is not True, leave=False):
             s, s_next = float(self.s[i]), float(self.s[i + 1])
             u = self._velocity(x, predict(x, self.timesteps[i]).float(), s)
             x_euler = x + (s_next - s) * u
             if self.kind == Sampler.EULER or i == len(self) - 1:  # Heun's last step: s_next = 0 has no velocity
                 x = x_euler
+                report(progress, i, len(self))
                 continue
             u_next = self._velocity(x_euler, predict(x_euler, self.timesteps[i + 1]).float(), s_next)
             x = x + (s_next - s) * 0.5 * (u + u_next)
+            report(progress, i, len(self))
         return x
+
+
+def report(progress: Progress, i: int, total: int) -> None:
+    """Step `i` (0-based) of `total` is done: tell a callable `progress`."""
+    if callable(progress):
+        progress(i + 1, total)

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from transfusion.config import Sampler
-from transfusion.diffusion.flow import FlowSampler, FlowSchedule, Predict
+from transfusion.diffusion.flow import FlowSampler, FlowSchedule, Predict, Progress, report
 from transfusion.diffusion.schedule import NoiseSchedule, respaced_timesteps
 
 __all__ = ["DiffusionSampler", "FlowSampler", "build_sampler", "cfg_combine", "respaced_timesteps"]
@@ -46,10 +46,11 @@ class DiffusionSampler:
         return self.schedule.to_eps(x_t, pred, t)
 
     def sample(self, x: Tensor, predict: Predict, generator: torch.Generator | None = None,
-               progress: bool = False) -> Tensor:
+               progress: Progress = False) -> Tensor:
         """x (..., D) at the noisiest timestep -> x_0. `predict(x, t)` returns the (guided) eps at x."""
-        for i in tqdm(range(len(self)), desc="diffusion", disable=not progress, leave=False):
+        for i in tqdm(range(len(self)), desc="diffusion", disable=progress is not True, leave=False):
             x = self.step(x, predict(x, self.timesteps[i]).float(), i, generator)
+            report(progress, i, len(self))
         return x
 
     def step(self, x_t: Tensor, eps: Tensor, i: int, generator: torch.Generator | None = None) -> Tensor:
