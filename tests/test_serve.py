@@ -241,3 +241,18 @@ def test_worker_survives_a_future_cancelled_while_queued() -> None:
     assert w.submit(lambda progress: "alive").future.result(5) == "alive"
     assert w.counts["cancelled"] == 1 and w.open_jobs == 0
     w.close()
+
+
+def test_edit(client: TestClient, service: ModelService) -> None:
+    img = png_upload()
+    r = client.post("/api/edit", files={"image": ("x.png", img, "image/png")}, data={"instruction": "make it blue"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (service.m.config.model.image_size * service.scale,) * 2
+    assert client.get("/health").json()["model"]["trained_for_editing"] is False  # a text->image micro model
+    for instruction, words in [("  ", "empty"), ("make it blue " * 100, "room for")]:
+        bad = client.post("/api/edit", files={"image": ("x.png", img, "image/png")}, data={"instruction": instruction})
+        assert bad.status_code == 400 and words in bad.json()["detail"]
+    wrong = client.post("/api/edit", files={"image": ("x.png", b"GIF89a-nope", "image/gif")},
+                        data={"instruction": "make it red"})
+    assert wrong.status_code == 415
+    assert client.post("/api/edit", data={"instruction": "make it red"}).status_code == 422  # no image field

@@ -17,7 +17,7 @@ from transfusion.config import Config, ModelConfig
 from transfusion.config import load as load_config
 from transfusion.diffusion import build_schedule
 from transfusion.diffusion.schedule import NoiseSchedule
-from transfusion.decoding import caption_images, generate, generate_images, sampling_args
+from transfusion.decoding import caption_images, generate, generate_batch, generate_images, sampling_args
 from transfusion.inference import load
 from transfusion.model.build import build_model
 from transfusion.model.transfusion import Transfusion
@@ -26,4 +26,5 @@ from transfusion.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = ["Config", "ModelConfig", "NoiseSchedule", "Tokenizer", "Transfusion", "build_model", "build_schedule",
-           "caption_images", "generate", "generate_images", "load", "load_config", "sampling_args"]
+           "caption_images", "generate", "generate_batch", "generate_images", "load", "load_config",
+           "sampling_args"]

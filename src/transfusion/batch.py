@@ -10,7 +10,9 @@ reading order (row by row, left to right), so any number of images can sit anywh
     positions   (B, L) long   RoPE positions, restarting at 0 for every document
     lm_targets  (B, L) long   next-token target per position or IGNORE (-100): see `make_lm_targets`
     patches     (P, D) float  clean image patches, P = number of positions with image_ids >= 0
-    image_max_t (N,) long     largest diffusion timestep image k may get (T-1, or the noise limit, §4.3.4)
+    image_max_t (N,) long     largest diffusion timestep image k may get (T-1, or the noise limit, §4.3.4);
+                              CLEAN (-1): a conditioning image, given clean at t = 0 with no diffusion loss
+                              (the input image of an edit, §4.5)
 
 Every image in a batch has `patches_per_image` patches (fixed by the model config); `validate` checks the
 layout and names what is wrong.
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 IGNORE = -100  # cross-entropy ignore index: no LM loss at this position
+CLEAN = -1  # image_max_t of a clean conditioning image: x_t = x_0 at t = 0, and it is no diffusion target
 
 
 class BatchError(ValueError):
@@ -43,6 +46,11 @@ class MixedBatch:
     @property
     def num_images(self) -> int:
         return int(self.image_max_t.numel())
+
+    @property
+    def diffused(self) -> Tensor:
+        """(N,) bool: the images that are noised and are diffusion targets (all but CLEAN ones)."""
+        return self.image_max_t != CLEAN
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,6 +101,8 @@ class MixedBatch:
                 raise BatchError("an image spans two documents")
         elif n_img:
             raise BatchError(f"image_max_t has {n_img} entries but no position is an image")
+        if n_img and int(self.image_max_t.min()) < CLEAN:
+            raise BatchError(f"image_max_t holds {int(self.image_max_t.min())}: expected >= 0, or CLEAN ({CLEAN})")
         if vocab_size is not None:
             text = self.tokens[~is_img]
             if text.numel() and (int(text.min()) < 0 or int(text.max()) >= vocab_size):

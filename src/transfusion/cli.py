@@ -1,4 +1,4 @@
-"""`transfusion` command line: prepare, train, export, sample, caption, generate, eval.
+"""`transfusion` command line: prepare, train, export, release, sample, caption, edit, generate, eval.
 
 Errors a user can fix (bad config key, missing data, corrupt checkpoint, diverged run, bad image, a prompt longer
 than the model's context, an out-of-range option) print one `error: ...` line and exit with status 2 — no
@@ -46,6 +46,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         errors.append(TokenizerError)
     except ImportError:
         pass
+    try:  # a checkpoint the chosen eval suite cannot score (e.g. an edit fine-tune under --suite fast)
+        from transfusion.evaluate.report import EvalError
+
+        errors.append(EvalError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 
@@ -85,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from transfusion.train import train
 
     cfg = config_mod.load(args.config, args.set)
+    if args.init_from:  # recorded in the run's config.toml as train.init_from
+        cfg.train.init_from = args.init_from
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     if env.is_rank0():
         print(json.dumps(summary, indent=1))
@@ -97,6 +105,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export_from_dcp(args.ckpt, args.out)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """A run's checkpoint -> a directory to publish as is: weights, config, tokenizer, model card (docs/release.md)."""
+    from transfusion.checkpoint.release import make_release
+
+    path = make_release(args.run, args.out, use_ema=not args.no_ema, eval_reports=args.eval)
+    print(f"wrote {path} (model.safetensors, config.toml, tokenizer.json, manifest.json, README.md)")
     return 0
 
 
@@ -128,6 +145,31 @@ def cmd_caption(args: argparse.Namespace) -> int:
         captions = caption_images(m.model, m.tokenizer, images, max_new_tokens=args.max_new_tokens)
     for path, text in zip(args.image, captions):
         print(text if len(args.image) == 1 else f"{path}\t{text}")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Image editing (paper §4.5): --image(s) + --instruction -> the edited image(s), a grid when several."""
+    from transfusion.diffusion import build_schedule
+    from transfusion.decoding import sampling_args
+    from transfusion.editing import edit_images
+    from transfusion.images import read_image
+
+    if not args.instruction.strip():
+        raise CLIError('--instruction is empty: say what to change, e.g. --instruction "make it red"')
+    for path in args.image:  # before the model loads: a wrong path is the commonest mistake
+        if not Path(path).is_file():
+            raise CLIError(f"--image {path}: no such file")
+    m = _load(args)
+    c = m.config.model
+    images = torch.stack([read_image(p, c.image_size, c.image_channels) for p in args.image])
+    sampling = sampling_args(m.config.diffusion, args.steps, args.cfg, args.sampler)
+    with torch.no_grad(), _precision(m.model, args.precision):
+        edited = edit_images(m.model, m.tokenizer, images, [args.instruction] * len(images),
+                             build_schedule(m.config.diffusion), generator=_generator(args.seed), progress=True,
+                             **sampling)
+    _save_images(edited, Path(args.out), args.scale)
+    print(f"wrote {args.out} ({len(images)} image{'s' if len(images) > 1 else ''} edited: {args.instruction!r})")
     return 0
 
 
@@ -257,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, PNGs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--init-from", default="", metavar="RUN",
+                   help="fine-tune: start from the weights (and EMA) of RUN's latest checkpoint (or a step "
+                        "directory) with a fresh optimiser at step 0; the architecture must match")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -264,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="run directory (uses its latest checkpoint) or a step directory")
     p.add_argument("--out", required=True, help="directory for the export (OUT/checkpoints/step_XXXXXXXX)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("release", help="a run's checkpoint -> a directory to publish: weights, config, tokenizer, "
+                                       "model card")
+    p.add_argument("run", help="run directory (uses its latest checkpoint) or a step directory")
+    p.add_argument("--out", required=True, help="new directory for the release (loadable as --ckpt OUT)")
+    p.add_argument("--no-ema", action="store_true", help="release the raw training weights instead of the EMA")
+    p.add_argument("--eval", action="append", metavar="REPORT.json",
+                   help="`transfusion eval` report(s) for the card (default: eval*.json kept with the run)")
+    p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("sample", help="text -> image(s)")
     _add_inference_args(p)
@@ -282,6 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, nargs="+", help="PNG/JPEG file(s)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("edit", help="image + instruction -> edited image (a model fine-tuned on edits)")
+    _add_inference_args(p)
+    p.add_argument("--image", required=True, nargs="+", help="PNG/JPEG file(s) to edit")
+    p.add_argument("--instruction", required=True, help='what to change, e.g. "make it red"')
+    p.add_argument("--out", required=True, help="PNG path (a grid when several images)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: diffusion.sample_steps)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale; the unconditional twin drops the instruction, keeps the image "
+                        "(default: diffusion.cfg_scale)")
+    p.add_argument("--sampler", choices=[s.value for s in config_mod.Sampler], default=None)
+    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling for viewing")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("generate", help="free mode-switching generation: text, and images wherever BOI appears")
     _add_inference_args(p)

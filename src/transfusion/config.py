@@ -114,6 +114,12 @@ class ModelConfig:
         self.patch_encoder = PatchEncoder(self.patch_encoder)
         self.attention_mask = AttentionMask(self.attention_mask)
         self.attention_impl = AttentionImpl(self.attention_impl)
+        # found by fuzzing: n_heads = 0 or patch_size = 0 reached the modulos below (ZeroDivisionError)
+        sizes = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "image_channels", "image_size",
+                 "patch_size")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
@@ -206,15 +212,20 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "colour_fashion"  # a name in data/registry.py: colour_fashion | folder
-    folder: str = ""  # for dataset = "folder": DIR with images + captions.jsonl
+    dataset: str = "colour_fashion"  # a name in data/registry.py: colour_fashion | folder | edit | recolour
+    folder: str = ""  # DIR of a user's data: images + captions.jsonl ("folder") or + edits.jsonl ("edit")
     tokenizer: str = ""  # path to tokenizer.json; "" -> the shipped one
     seq_len: int = 256  # packed row length
     image_first_prob: float = 0.2  # paper §4.1: caption first 80%, image first 20%
-    caption_dropout: float = 0.1  # captions dropped so CFG has an unconditional model
+    caption_dropout: float = 0.1  # captions (edit instructions) dropped so CFG has an unconditional model
     text_ratio: float = 0.5  # fraction of tokens from text-only documents (paper §4.1: ~1:1)
-    max_caption_tokens: int = 64
+    max_caption_tokens: int = 64  # longest caption (or edit instruction) kept; longer ones are skipped
     use_full_dataset: bool = True  # False -> the committed subset only (tests, CI)
+    # probability that an image document is an interleaved 2-image document ("two items: a red sneaker <image>
+    # and a blue bag <image>", data/sequences.py), which teaches the model to emit BOI itself and to go on
+    # writing after EOI. Needs a dataset with interleaved templates (colour_fashion; a folder has none).
+    # 0 draws nothing extra: batches are exactly those of a run without the setting
+    interleaved_prob: float = 0.0
 
 
 @dataclass
@@ -236,6 +247,12 @@ class TrainConfig:
     ema: float = 0.0  # 0 -> no EMA
     seed: int = 0
     log_every: int = 10
+    # TensorBoard event files in OUT/tensorboard/ (rank 0: the metrics.jsonl scalars, MFU, sample grids) when the
+    # `tensorboard` package is installed (pip install -e ".[tb]"); without it a one-line note, metrics.jsonl only
+    tensorboard: bool = True
+    # peak FLOP/s of one rank for the `mfu` of metrics.jsonl, TFLOP/s; 0 -> a known GPU's datasheet or the CPU
+    # estimate (train/mfu.py), else mfu is null
+    peak_tflops: float = 0.0
     sample_every: int = 0  # 0 -> only at the end
     ckpt_every: int = 200
     max_bad_steps: int = 10  # consecutive NaN/Inf losses before the run stops
@@ -250,6 +267,13 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept in OUT/checkpoints (0 -> all)
     sample_n: int = 8  # images in the periodic sample grid (0 -> none)
     time_limit_min: float = 0.0  # stop (with a checkpoint) after this much training time; 0 -> no limit
+    # fine-tuning (`train --init-from RUN`): start a fresh run (step 0, new optimiser) from the weights (and EMA)
+    # of RUN's latest checkpoint (or that step directory); "" -> random init. Ignored when resuming this run
+    init_from: str = ""
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:  # the loop logs at step % log_every == 0: 0 was a ZeroDivisionError mid-run
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass
@@ -290,6 +314,8 @@ LEGACY_KEYS: dict[str, str] = {
 
 # ---------------------------------------------------------------------------------------------- loading
 
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -308,7 +334,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float, str):
         try:
             return tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # fuzzing: int(inf) and float(10**400) overflow
             raise ConfigError(f"{key}={value!r}: expected {tp.__name__}") from None
     return value
 
@@ -351,9 +377,11 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale says
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # found by fuzzing: a binary or mis-encoded file escaped as a traceback
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = raw
@@ -379,6 +407,9 @@ def _migrate(raw: dict[str, Any]) -> None:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for name in _SECTIONS:  # found by fuzzing: `model = 0` reached .pop() on an int (AttributeError)
+        if name in raw and not isinstance(raw[name], dict):
+            raise ConfigError(f"{name} is a table: write [{name}] and its keys, not {name} = {raw[name]!r}")
     _migrate(raw)
     model_raw = raw.pop("model", {})
     preset = model_raw.pop("preset", None)
@@ -389,6 +420,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         cfg.model.__post_init__()  # re-validate after overrides
         _apply(cfg, raw, "")
         cfg.diffusion.__post_init__()
+        cfg.train.__post_init__()
     except TypeError as e:
         raise ConfigError(str(e)) from None
     return cfg
@@ -415,8 +447,22 @@ def dump_toml(cfg: Config) -> str:
             if isinstance(v, bool):
                 lines.append(f"{k} = {'true' if v else 'false'}")
             elif isinstance(v, str):
-                lines.append(f'{k} = "{v}"')
+                lines.append(f"{k} = {_toml_string(v)}")
             else:
                 lines.append(f"{k} = {v!r}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string. Found by fuzzing: writing f'"{s}"' made a config.toml that no longer parsed when a
+    setting held a quote, a backslash or a control character (a run's and every checkpoint's config)."""
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:  # TOML forbids raw control characters in basic strings
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

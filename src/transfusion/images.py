@@ -74,7 +74,7 @@ def read_uint8(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
             im = center_crop(im.convert("RGB" if channels == 3 else "L"))
             if im.size != (size, size):
                 im = im.resize((size, size), RESAMPLE)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)  # a copy: asarray's is read-only, and torch warns on it (fuzzing)
     except (FileNotFoundError, IsADirectoryError) as e:
         raise ImageReadError(f"cannot read image {path}: no such file") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -9,6 +9,8 @@
 
 Each image gets its own timestep (uniform in [0, image_max_t], the §4.3.4 noise limit for image-first
 examples); noise and timesteps are drawn from an explicit generator so training is reproducible and resumable.
+A CLEAN image (batch.CLEAN, the input image of an edit, §4.5) is given exactly as x_0 at t = 0, as decoding gives
+a conditioning image, and is no diffusion target: it adds nothing to L_DDPM and is not counted among its images.
 `normalizer` lets data-parallel training divide the local sums by *global* counts, which makes N ranks compute
 exactly the loss of one process on the whole batch.
 """
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transfusion.batch import IGNORE, MixedBatch
+from transfusion.batch import CLEAN, IGNORE, MixedBatch
 from transfusion.diffusion.flow import FlowSchedule
 from transfusion.diffusion.schedule import NoiseSchedule
 
@@ -47,7 +49,13 @@ def noised_patches(batch: MixedBatch, schedule: NoiseSchedule | FlowSchedule,
         dev = generator.device if generator is not None else batch.patches.device
         noise = torch.randn(batch.patches.shape, generator=generator, device=dev).to(batch.patches)
     t = t_img[patch_image]  # (P,)
-    return schedule.add_noise(batch.patches, noise, t), t, noise, patch_image
+    x_t = schedule.add_noise(batch.patches, noise, t)
+    clean = batch.image_max_t == CLEAN  # (N,)
+    if bool(clean.any()):  # conditioning images: exactly x_0 at t = 0 (no-op, and skipped, for other batches)
+        clean_patch = clean[patch_image]  # (P,)
+        t = t.masked_fill(clean_patch, 0)
+        x_t = torch.where(clean_patch.unsqueeze(-1), batch.patches, x_t)
+    return x_t, t, noise, patch_image
 
 
 def transfusion_loss(
@@ -76,9 +84,14 @@ def transfusion_loss(
         per_patch = per_patch * weight
     sums = torch.zeros(n_img, device=per_value.device).index_add(0, patch_image, per_patch)
     counts = torch.bincount(patch_image, minlength=n_img).clamp(min=1) * per_value.shape[-1]
-    diff_sum = (sums / counts).sum()  # sum over images of each image's mean squared error
+    per_image = sums / counts  # (N,) each image's mean squared error
+    n_diffused = n_img
+    if not bool(batch.diffused.all()):  # CLEAN images are conditioning, not targets
+        per_image = torch.where(batch.diffused.to(per_image.device), per_image, 0.0)
+        n_diffused = int(batch.diffused.sum())
+    diff_sum = per_image.sum()  # sum over the diffused images of each one's mean squared error
 
-    n_tok_norm, n_img_norm = normalizer if normalizer is not None else (targets.numel(), n_img)
+    n_tok_norm, n_img_norm = normalizer if normalizer is not None else (targets.numel(), n_diffused)
     lm = lm_sum / max(n_tok_norm, 1)
     diff = diff_sum / max(n_img_norm, 1)
     return LossOutput(

@@ -59,11 +59,11 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(valid_unicode(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once (multi-threaded in `tokenizers`): used to tokenize corpora and captions."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.hf.encode_batch([valid_unicode(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -74,6 +74,21 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(self.hf.to_str(pretty=True) + "\n", encoding="utf-8")
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD (a surrogate pair becomes its character).
+
+    Found by fuzzing (tests/test_fuzz.py): `tokenizers` raises a bare TypeError on a str that is not valid
+    Unicode, and such strings reach us from a command-line argument holding invalid UTF-8 (Python decodes argv
+    with surrogateescape) or a JSON caption that spells "\\ud800". Every other string passes unchanged."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from transfusion.checkpoint import layout
 from transfusion.checkpoint.layout import CKPT_SUBDIR, DCP_SUBDIR, STATE_JSON, CheckpointError
@@ -97,22 +98,72 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ema
     return state, groups
 
 
+def _brief(err: BaseException) -> str:
+    """One line for an error line. DCP's CheckpointException is a BaseException (`except Exception` let it escape
+    as a traceback) whose text is every rank's full traceback: name the first underlying failure instead."""
+    inner = [e for e in layout.causes(err) if not isinstance(e, CheckpointException)] or [err]
+    text = str(inner[0]).strip().splitlines()
+    return f"{type(inner[0]).__name__}: {text[0] if text else ''}"
+
+
+def _any_rank(flag: bool) -> bool:
+    """Collective: True on every rank when `flag` is True on any (identity on one process)."""
+    if not _dist():
+        return flag
+    # gloo reduces CPU tensors; a NCCL-only group needs the rank's current GPU
+    gloo = "gloo" in str(dist.get_backend())
+    dev = torch.device("cpu") if gloo else torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([int(flag)], device=dev)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def _together(fn: Callable[[], Any], run_dir: Path, tmp: Path, name: str) -> Any:
+    """Collective: run one phase of a save on every rank; when it failed on any rank, every rank leaves together
+    (none is left waiting in the next collective), rank 0 removes the temp directory, and a failed write (a full
+    disk) becomes CheckpointWriteError. Doubles as the barrier between phases."""
+    err: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        err = e
+    if not _any_rank(err is not None):
+        return result
+    if is_main():
+        layout.discard_temp(tmp)
+    if err is None:  # rank 0 prints the error line: it failed too (DCP shares failures) or names the others'
+        raise layout.CheckpointWriteError(f"checkpoint {name} was not written: another rank failed to write it")
+    os_err = layout.os_error(err)
+    if os_err is None:
+        raise err  # not a write failure: a bug, keep its traceback
+    raise layout.write_failed(os_err, run_dir, name) from err
+
+
 def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
          train_state: dict[str, Any], ema: Any | None = None, tokenizer: Any | None = None, keep: int = 2) -> Path:
     """Collective: every rank calls it. Writes RUN/checkpoints/step_XXXXXXXX atomically; returns its path.
 
     `train_state` must be JSON-serialisable (counters, loader.state_dict(), ...): it is returned by `load`.
+    A write that fails on any rank (a full disk) raises layout.CheckpointWriteError on every rank, with the temp
+    directory removed and `latest` and the published checkpoints untouched.
     """
     root = Path(run_dir) / CKPT_SUBDIR
     final = root / layout.step_name(step)
     tmp = root / f".tmp-{final.name}"
-    if is_main():
-        layout.temp_dir(root, final.name)
-    barrier()
-    state, groups = _tensor_state(model, optimizer, ema)
-    with _single_process_ok():
-        dcp.save(state, checkpoint_id=str(tmp / DCP_SUBDIR), no_dist=not _dist())
-    if is_main():
+    _together(lambda: layout.temp_dir(root, final.name) if is_main() else None, Path(run_dir), tmp, final.name)
+
+    def shards() -> list[dict[str, Any]]:
+        state, groups = _tensor_state(model, optimizer, ema)
+        with _single_process_ok():
+            dcp.save(state, checkpoint_id=str(tmp / DCP_SUBDIR), no_dist=not _dist())
+        return groups
+
+    groups = _together(shards, Path(run_dir), tmp, final.name)
+
+    def finish() -> None:
+        if not is_main():
+            return
         meta = {
             "format": FORMAT, "step": step, "world_size": dist.get_world_size() if _dist() else 1,
             "has_ema": ema is not None, "train_state": train_state, "optim_param_groups": groups,
@@ -121,7 +172,10 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         layout.write_common(tmp, cfg, tokenizer)
         layout.seal(tmp, step, FORMAT)
         layout.publish(tmp, final, keep)
-    barrier()  # no rank runs ahead (e.g. into the next save) before the checkpoint is in place
+
+    # the last phase's agreement is also the barrier: no rank runs ahead (e.g. into the next save) before the
+    # checkpoint is in place
+    _together(finish, Path(run_dir), tmp, final.name)
     return final
 
 
@@ -156,8 +210,8 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     try:
         with _single_process_ok():
             dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=not _dist())
-    except Exception as e:  # DCP wraps per-rank failures in CheckpointException
-        raise CheckpointError(f"{ckpt}: DCP load failed ({type(e).__name__}: {e})") from None
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures in CheckpointException
+        raise CheckpointError(f"{ckpt}: DCP load failed ({_brief(e)})") from None
     _apply(model, optimizer, state, meta["optim_param_groups"])
     torch.set_rng_state(state["rng"]["torch_cpu"])
     return LoadedState(ckpt, int(meta["step"]), meta["train_state"], int(meta["world_size"]), has_ema)
@@ -204,7 +258,7 @@ def load_into_plain(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
     try:
         with _single_process_ok():
             dcp.load(state, checkpoint_id=str(ckpt / DCP_SUBDIR), no_dist=True)
-    except Exception as e:  # DCP wraps read failures in CheckpointException
-        raise CheckpointError(f"{ckpt}: DCP load failed ({type(e).__name__}: {e})") from None
+    except (Exception, CheckpointException) as e:  # DCP wraps read failures in CheckpointException
+        raise CheckpointError(f"{ckpt}: DCP load failed ({_brief(e)})") from None
     model.load_state_dict(state["model"])  # strict: every weight must have come from the checkpoint
     return state.get("ema")

@@ -32,13 +32,21 @@ def save_export(out_dir: str | Path, step: int, model: nn.Module, cfg: Config,
     """Write OUT/checkpoints/step_XXXXXXXX (weights of `model`, optional fp32 EMA) atomically; returns its path."""
     root = Path(out_dir) / CKPT_SUBDIR
     final = root / layout.step_name(step)
-    tmp = layout.temp_dir(root, final.name)
-    save_model(model, str(tmp / MODEL_FILE))  # handles tied (shared) tensors
-    if ema_state is not None:
-        save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
-    layout.write_common(tmp, cfg, tokenizer)
-    layout.seal(tmp, step, FORMAT)
-    return layout.publish(tmp, final, keep)
+    tmp = root / f".tmp-{final.name}"
+    try:
+        layout.temp_dir(root, final.name)
+        save_model(model, str(tmp / MODEL_FILE))  # handles tied (shared) tensors
+        if ema_state is not None:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
+        layout.write_common(tmp, cfg, tokenizer)
+        layout.seal(tmp, step, FORMAT)
+        return layout.publish(tmp, final, keep)
+    except (OSError, SafetensorError) as e:  # a full disk: one error line, nothing published is touched
+        layout.discard_temp(tmp)
+        os_err = layout.os_error(e)
+        if os_err is None:
+            raise
+        raise layout.write_failed(os_err, Path(out_dir), final.name, then="run the export again") from e
 
 
 def _plain_from(weights: dict[str, torch.Tensor], cfg: Config) -> nn.Module:

@@ -17,13 +17,19 @@ the directory is renamed into place with os.replace (atomic on POSIX), the paren
 or the new one, never half of one; the manifest catches later damage (truncated copy, bit rot) with a clear
 CheckpointError instead of garbage weights. Nothing here unpickles: weights are safetensors or DCP tensors,
 everything else JSON or TOML.
+
+A failed write (a full disk: ENOSPC, or a quota: EDQUOT) is the same story told earlier: the temp directory is
+removed at once (`discard_temp`; a process killed before that leaves it to the next save's `prune`), `latest`
+and every published checkpoint stay as they were, and `write_failed` says so in one CheckpointWriteError line.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,13 @@ STATE_JSON = "train_state.json"  # training format: counters, loader position, o
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt, or from an incompatible model config."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, quota, read-only file system); nothing saved before is lost."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -127,6 +140,61 @@ def write_latest(root: Path, name: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST)
     fsync_dir(root)
+
+
+def discard_temp(tmp: Path) -> None:
+    """Remove an unpublished checkpoint (and a half-written `latest` pointer) after a failed save: on a full
+    disk, the space it holds is what the user needs back first."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp.parent / f".{LATEST}.tmp").unlink(missing_ok=True)
+
+
+def causes(err: BaseException) -> list[BaseException]:
+    """`err`, its causes, and what DCP wrapped (CheckpointException.failures: rank -> (exception, trace))."""
+    out: list[BaseException] = []
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or any(e is seen for seen in out):
+            continue
+        out.append(e)
+        stack += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            stack.append(failure[0] if isinstance(failure, tuple) else failure)
+    return out
+
+
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write (a full disk first), or None when the failure is something else."""
+    found = [e if isinstance(e, OSError) else _rust_os_error(e) for e in causes(err)]
+    found = [e for e in found if e is not None]
+    full = [e for e in found if e.errno in DISK_FULL]
+    return (full or found or [None])[0]
+
+
+def _rust_os_error(err: BaseException) -> OSError | None:
+    # safetensors (Rust) reports a full disk as SafetensorError("... No space left on device (os error 28)")
+    # (measured on a 256 KiB tmpfs), not as an OSError: recover the errno from Rust's io::Error text
+    m = re.search(r"\(os error (\d+)\)", str(err))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
+def failure_text(err: OSError) -> str:
+    """What went wrong with a write, for an error line: a full disk said plainly, else the OS's reason."""
+    if err.errno in DISK_FULL:
+        return "the disk is full (no space left on device)"
+    return f"cannot write ({err.strerror or err}{f': {err.filename}' if err.filename else ''})"
+
+
+def write_failed(err: OSError, run_dir: Path, name: str, then: str = "continue with --resume"
+                 ) -> CheckpointWriteError:
+    """The one-line error for a checkpoint `name` of `run_dir` that could not be written (the temp directory
+    already discarded): what happened, and which checkpoint `latest` still names, complete and untouched."""
+    what = f"{failure_text(err)} while writing checkpoint {name} in {Path(run_dir) / CKPT_SUBDIR}"
+    kept = find_latest(run_dir)
+    saved = f"{kept} is complete and `latest` points to it" if kept else "no checkpoint had been saved before"
+    return CheckpointWriteError(f"{what}; the partial checkpoint was removed and nothing already saved is lost: "
+                                f"{saved}. Free some space, then {then}")
 
 
 def prune(root: Path, keep: int) -> None:

@@ -6,6 +6,9 @@ same colour in the full dataset and in the committed subset, on every machine an
 only get colours that keep their (item, colour) out of `fashion.HELDOUT`, so the held-out combinations are
 never seen in training; test images use all 8 colours, i.e. all 80 combinations.
 
+Interleaved documents (data.interleaved_prob) put two images in one document with `INTERLEAVED_TEMPLATES` over
+the canonical captions, e.g. "two items: a red sneaker <image> and a blue bag <image>".
+
 Images come from the Debian package (`use_full_dataset = true` and installed) or from the committed subset
 `assets/fashion_subset.npz` (scripts/make_subset.py: 300 train + 100 test images per item).
 """
@@ -23,12 +26,20 @@ from torch import Tensor
 from transfusion.data import fashion
 from transfusion.config import ConfigError
 from transfusion.data.dataset import Dataset, Examples, PromptGrid
-from transfusion.data.image_text import ImageTextSet, SkipStats, numpy_patchify
+from transfusion.data.image_text import ImageTextSet, InterleavedText, SkipStats, numpy_patchify
 from transfusion.images import resize
 from transfusion.log import log
 
 SUBSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "fashion_subset.npz"
 _SPLIT_SALT = {"train": 0x5EED_0001, "test": 0x5EED_0002}
+# (text before image a, text between images a and b) of an interleaved document; {a}/{b}: canonical captions.
+# Most open with words a single caption never starts with, so after the first image the model can tell from
+# the prefix whether the document goes on (greedy decoding then writes the second part instead of EOS).
+INTERLEAVED_TEMPLATES: tuple[tuple[str, str], ...] = (
+    ("two items: {a}", "and {b}"),
+    ("first {a}", "then {b}"),
+    ("{a}", "and next to it {b}"),
+)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -121,6 +132,19 @@ class TintedImageSet(ImageTextSet):
         return numpy_patchify(np.clip(x * np.float32(2.0) - np.float32(1.0), -1.0, 1.0), patch_size)
 
 
+def interleaved_text(tokenizer) -> InterleavedText:
+    """INTERLEAVED_TEMPLATES over the canonical caption of every (item, colour), indexed like caption_sets."""
+    combos = [(i, c) for i in range(len(fashion.ITEMS)) for c in range(len(fashion.COLOUR_NAMES))]
+    caps = [fashion.caption(i, c) for i, c in combos]
+    first = [[t[0].format(a=cap) for cap in caps] for t in INTERLEAVED_TEMPLATES]
+    then = [[t[1].format(b=cap) for cap in caps] for t in INTERLEAVED_TEMPLATES]
+    flat = tokenizer.encode_batch([s for group in first + then for s in group])
+    ids = [np.asarray(x, dtype=np.int64) for x in flat]
+    k, n = len(INTERLEAVED_TEMPLATES), len(caps)
+    rows = [ids[j * n:(j + 1) * n] for j in range(2 * k)]
+    return InterleavedText(first=rows[:k], then=rows[k:])
+
+
 def colour_fashion_set(tokenizer, split: str, image_size: int, use_full_dataset: bool) -> TintedImageSet:
     """The colour fashion ImageTextSet of a split; captions of every template, tokenized once."""
     images, labels, index = load_split(split, use_full_dataset)
@@ -138,6 +162,7 @@ def colour_fashion_set(tokenizer, split: str, image_size: int, use_full_dataset:
         colours=torch.from_numpy(colours),
         labels=labels,
         name=f"colour_fashion/{split}",
+        interleaved=interleaved_text(tokenizer),
     )
 
 

@@ -9,6 +9,7 @@ The trainer, the demo, the sample grids and the evaluation ask the dataset inste
     ds.examples("test", n, seed, image_size)            # real images with their captions (captioning demo)
     ds.eval_suite                                       # which scorers of evaluate/ apply, or None
     ds.describe()                                       # where the data comes from, for logs
+    ds.document_sampler                                 # the class that draws its documents (mixture.py)
 
 A new dataset subclasses `Dataset`, implements `image_set` and `sample_prompts` (the rest has defaults) and
 registers its name in registry.py.
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from transfusion.config import DataConfig
 from transfusion.data.image_text import ImageTextSet, SkipStats
+from transfusion.data.mixture import DocumentSampler
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Examples:
 class Dataset(ABC):
     name: ClassVar[str]
     eval_suite: ClassVar[str | None] = None  # a suite of evaluate/ that scores this dataset's images, if any
+    # draws the documents of a batch from `image_set`'s examples: image-caption ones, or edits (data/edits.py)
+    document_sampler: ClassVar[type[DocumentSampler]] = DocumentSampler
 
     def __init__(self, data: DataConfig) -> None:
         self.data = data

@@ -31,8 +31,8 @@ class FolderDatasetError(ValueError):
 def _parse_line(line: str) -> tuple[str, str] | None:
     try:
         entry = json.loads(line)
-    except json.JSONDecodeError:
-        return None
+    except (ValueError, RecursionError):  # found by fuzzing: json raises a plain ValueError for an int of over
+        return None  # 4,300 digits and RecursionError for deep nesting, not only JSONDecodeError (a ValueError)
     if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
         return None
     cap = entry.get("caption")

@@ -6,6 +6,8 @@ this to store gray items plus a colour id and tint on render. `patches` renders 
 NumPy: it gives the same numbers as `patchify(render(idx))` (tested), but NumPy runs single-threaded, whereas
 torch's small parallel ops stall badly when the 2 cores are shared (2 ranks, or other work): ~1.5 ms vs ~120 ms
 measured. Captions are tokenized once: `caption_sets[caption_of[i]]` lists the token-id alternatives of image i.
+A dataset may also give the text of interleaved documents (`InterleavedText`, data.interleaved_prob); one that
+does not (a user folder) never makes them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,30 @@ class SkipStats:
 
 
 @dataclass
+class InterleavedText:
+    """The text of 2-image interleaved documents, tokenized once: template j over images a, b reads
+    `first[j][caption_of[a]] <image a> then[j][caption_of[b]] <image b>` (sequences.interleaved_document)."""
+
+    first: list[list[np.ndarray]]  # [template][caption set] -> ids of the text before the first image
+    then: list[list[np.ndarray]]  # [template][caption set] -> ids of the text between the two images
+
+    def __post_init__(self) -> None:
+        if not self.first or len(self.first) != len(self.then):
+            raise ValueError("interleaved text needs the same number (> 0) of first and then templates")
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def texts(self, template: int, a: int, b: int) -> list[np.ndarray]:
+        """The two text pieces of `template` for caption sets a (first image) and b (second image)."""
+        return [self.first[template][a], self.then[template][b]]
+
+    def max_len(self) -> int:
+        """Most text tokens one document can hold (longest first + longest then)."""
+        return max(len(x) for t in self.first for x in t) + max(len(x) for t in self.then for x in t)
+
+
+@dataclass
 class ImageTextSet:
     pixels: Tensor  # (N, C, H, W) uint8
     caption_of: np.ndarray  # (N,) int64 index into caption_sets
@@ -57,6 +83,7 @@ class ImageTextSet:
     image_size: int  # rendered images are image_size x image_size
     labels: np.ndarray | None = None  # (N,) class ids when the dataset has them
     name: str = ""
+    interleaved: InterleavedText | None = None  # text of interleaved documents, when the dataset has templates
 
     def __post_init__(self) -> None:
         if len(self.caption_of) != len(self.pixels):

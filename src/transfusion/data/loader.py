@@ -16,6 +16,7 @@ import numpy as np
 
 from transfusion.batch import MixedBatch
 from transfusion.config import Config, ConfigError
+from transfusion.data.edits import EditSet
 from transfusion.data.image_text import ImageTextSet, SkipStats
 from transfusion.data.mixture import DocumentSampler, MixtureSpec
 from transfusion.data.packing import collate, pack_rows
@@ -30,20 +31,24 @@ MAX_TEXT_TOKENS = 254  # longest text passage: a text document is at most 256 po
 
 @dataclass
 class DataSources:
-    images: ImageTextSet | None
+    images: ImageTextSet | EditSet | None
     corpus: TokenCorpus | None
     stats: SkipStats
+    sampler: type[DocumentSampler] = DocumentSampler  # draws the documents: the dataset's document_sampler
 
 
 def load_sources(cfg: Config, tokenizer: Tokenizer, split: str) -> DataSources:
     """Images (the dataset `data.dataset` names) and text (Shakespeare) of a split, as the config asks."""
     d, m = cfg.data, cfg.model
     stats = SkipStats()
-    images: ImageTextSet | None = None
+    images: ImageTextSet | EditSet | None = None
+    sampler: type[DocumentSampler] = DocumentSampler
     if d.text_ratio < 1:
-        images, stats = get_dataset(d).image_set(tokenizer, split, m.image_size, m.image_channels)
+        dataset = get_dataset(d)
+        images, stats = dataset.image_set(tokenizer, split, m.image_size, m.image_channels)
+        sampler = dataset.document_sampler
     corpus = shakespeare_corpus(tokenizer, split) if d.text_ratio > 0 else None
-    return DataSources(images, corpus, stats)
+    return DataSources(images, corpus, stats, sampler)
 
 
 class Loader:
@@ -71,14 +76,29 @@ class Loader:
             caption_dropout=cfg.data.caption_dropout, patches_per_image=cfg.model.patches_per_image,
             num_train_steps=cfg.diffusion.num_train_steps, noise_limit=cfg.diffusion.noise_limit,
             max_text_tokens=min(MAX_TEXT_TOKENS, self.seq_len - 2),
+            interleaved_prob=cfg.data.interleaved_prob,
         )
         self._check_fits()
         self.step = 0
 
     def _check_fits(self) -> None:
-        if self.sources.images is None:
+        p = self.spec.interleaved_prob
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"data.interleaved_prob={p}: expected a probability in [0, 1]")
+        images = self.sources.images
+        if images is None:
             return
-        longest = 4 + self.spec.patches_per_image + self.sources.images.max_caption_len()  # BOS BOI EOI EOS
+        if isinstance(images, EditSet):  # BOS instruction (BOI patches EOI) x 2 EOS
+            longest = images.longest_document(self.spec.patches_per_image)
+        else:
+            longest = 4 + self.spec.patches_per_image + images.max_caption_len()  # BOS BOI EOI EOS
+        if p > 0:
+            if images.interleaved is None:
+                raise ConfigError(
+                    f"data.interleaved_prob={p}, but the {self.cfg.data.dataset!r} dataset has no interleaved-"
+                    "document templates, so it never makes interleaved documents; set data.interleaved_prob = 0")
+            # BOS (BOI patches EOI) x 2 EOS around the text
+            longest = max(longest, 6 + 2 * self.spec.patches_per_image + images.interleaved.max_len())
         if longest > self.seq_len:
             raise ConfigError(f"an image document needs up to {longest} positions but data.seq_len="
                               f"{self.seq_len}; raise data.seq_len or lower data.max_caption_tokens")
@@ -90,7 +110,7 @@ class Loader:
     def plan(self, step: int) -> list:
         """The documents of every row of global batch `step` (all ranks), without rendering images."""
         rng = np.random.default_rng([self.cfg.train.seed, SPLITS[self.split], step])
-        sampler = DocumentSampler(rng, self.spec, self.specials, self.sources.images, self.sources.corpus)
+        sampler = self.sources.sampler(rng, self.spec, self.specials, self.sources.images, self.sources.corpus)
         return pack_rows(sampler, self.rows * self.world_size, self.seq_len)
 
     def batch_at(self, step: int) -> MixedBatch:

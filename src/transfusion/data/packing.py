@@ -2,10 +2,13 @@
 
 Rules (so attention, positions and losses never mix documents):
 - each document gets its own doc id within the row, and positions restart at 0 for every document;
-- an image document is never split: if it does not fit in what is left of a row, it moves whole to the next
-  row and the gap is filled with a text passage (or padding when no text fits);
+- an image document (one image, or several interleaved with text) is never split: if it does not fit in what
+  is left of a row, it moves whole to the next row and the gap is filled with a text passage (or padding when
+  no text fits);
 - text-only documents may be cut at the row end;
-- what is left at the end of a row is one padding document of PAD tokens that is never an LM target.
+- what is left at the end of a row is one padding document of PAD tokens that is never an LM target;
+- every image gets its own batch image index (reading order), so its own timestep and its own bidirectional
+  attention span, also when a document holds several.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from transfusion.batch import MixedBatch, make_lm_targets
 from transfusion.data.image_text import ImageTextSet
-from transfusion.data.sequences import PATCH, Document
+from transfusion.data.sequences import Document
 
 
 class DocumentSource(Protocol):
@@ -70,8 +73,8 @@ def collate(rows: list[list[Document]], seq_len: int, pad_id: int, images: Image
     image_ids = np.full((B, L), -1, dtype=np.int64)
     doc_ids = np.zeros((B, L), dtype=np.int64)
     positions = np.zeros((B, L), dtype=np.int64)
-    picked: list[int] = []  # ImageTextSet index of batch image k
-    max_t: list[int] = []
+    picked: list[int] = []  # (N,) ImageTextSet index of batch image k
+    max_t: list[int] = []  # (N,) largest timestep of batch image k
     for b, row in enumerate(rows):
         at = 0
         for d, doc in enumerate(row):
@@ -79,11 +82,11 @@ def collate(rows: list[list[Document]], seq_len: int, pad_id: int, images: Image
             tokens[b, at:at + n] = doc.tokens
             doc_ids[b, at:at + n] = d
             positions[b, at:at + n] = np.arange(n)
-            if doc.image >= 0:
-                span = slice(at + doc.image_start, at + doc.image_start + int((doc.tokens == PATCH).sum()))
-                image_ids[b, span] = len(picked)
-                picked.append(doc.image)
-                max_t.append(doc.max_t)
+            n_patch = doc.patches_per_image
+            for k, start, mt in zip(doc.images, doc.image_starts, doc.max_ts):
+                image_ids[b, at + start:at + start + n_patch] = len(picked)
+                picked.append(k)
+                max_t.append(mt)
             at += n
         if at < L:  # the padding document
             doc_ids[b, at:] = len(row)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from transfusion.config import ConfigError, DataConfig
 from transfusion.data.colour_fashion import ColourFashion
 from transfusion.data.dataset import Dataset
+from transfusion.data.edits import EditFolderDataset, RecolourDataset
 from transfusion.data.folder import FolderDataset
 
-DATASETS: dict[str, type[Dataset]] = {cls.name: cls for cls in (ColourFashion, FolderDataset)}
+DATASETS: dict[str, type[Dataset]] = {
+    cls.name: cls for cls in (ColourFashion, FolderDataset, EditFolderDataset, RecolourDataset)
+}
 
 
 def get_dataset(data: DataConfig) -> Dataset:

@@ -50,7 +50,11 @@ def _check_model(cfg) -> None:
     """The suite scores colour-fashion images: the dataset of the checkpoint's config must say it applies."""
     from transfusion.data.registry import get_dataset
 
-    if get_dataset(cfg.data).eval_suite != "colour_fashion" or cfg.model.image_channels != 3:
+    suite = get_dataset(cfg.data).eval_suite
+    if suite == "edit":
+        raise EvalError(f"this checkpoint was fine-tuned on edits (data.dataset={cfg.data.dataset!r}); "
+                        "score it with --suite edit")
+    if suite != "colour_fashion" or cfg.model.image_channels != 3:
         raise EvalError(
             f"the evaluation suite scores RGB colour-fashion images, but this checkpoint was trained on "
             f"data.dataset={cfg.data.dataset!r} with model.image_channels={cfg.model.image_channels}; "
@@ -270,9 +274,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="run directory (its latest checkpoint) or a step directory")
     src.add_argument("--images", help="score a folder of images + prompts.jsonl from any generator instead")
-    p.add_argument("--suite", choices=sorted(SUITES), default="fast",
-                   help="fast: a few minutes on 2 cores; full: for long runs (default: fast)")
-    p.add_argument("--n", type=int, default=None, help="generated samples (and captioned images)")
+    p.add_argument("--suite", choices=sorted(SUITES) + ["edit"], default="fast",
+                   help="fast: a few minutes on 2 cores; full: for long runs; edit: held-out recolour edits of "
+                        "a model fine-tuned on edits (evaluate/edit.py) (default: fast)")
+    p.add_argument("--n", type=int, default=None, help="generated samples (and captioned images; edits)")
     p.add_argument("--out", default="eval/report.json", help="JSON report path (grids and .md written beside it)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: diffusion.sample_steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
@@ -291,6 +296,15 @@ def run_eval(args: argparse.Namespace) -> int:
     setup_process(RuntimeConfig())  # the default process settings; the checkpoint's kernels come with its load
     if args.images:
         report = score_folder(args.images, args.out, with_fid=not args.no_fid)
+    elif args.suite == "edit":  # its own scorers and report (evaluate/edit.py)
+        from transfusion.evaluate.edit import evaluate_edits
+        from transfusion.evaluate.edit import markdown_summary as edit_summary
+
+        report = evaluate_edits(args.ckpt, n=args.n, out=args.out, steps=args.steps, cfg_scale=args.cfg,
+                                sampler=args.sampler, seed=args.seed, use_ema=not args.no_ema)
+        print(edit_summary(report), end="")
+        print(f"wrote {args.out}")
+        return 0
     else:
         report = evaluate(args.ckpt, suite=args.suite, n=args.n, out=args.out, steps=args.steps,
                           cfg_scale=args.cfg, sampler=args.sampler, seed=args.seed, use_ema=not args.no_ema,

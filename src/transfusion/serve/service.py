@@ -88,7 +88,9 @@ class ModelService:
         c, d = self.m.config.model, self.m.config.diffusion
         return {"checkpoint": str(self.m.path), "image_size": c.image_size, "channels": c.image_channels,
                 "context": c.max_seq_len, "objective": d.objective.value, "prediction": d.prediction.value,
-                "sample_steps": d.sample_steps, "cfg_scale": d.cfg_scale, "sampler": d.sampler.value}
+                "sample_steps": d.sample_steps, "cfg_scale": d.cfg_scale, "sampler": d.sampler.value,
+                # /api/edit works on any checkpoint, but only a model fine-tuned on edits (docs/editing.md) edits
+                "trained_for_editing": self.m.config.data.dataset in ("edit", "recolour")}
 
     def _text(self, text: str, what: str, room: int) -> list[int]:
         """Token ids of a prompt or instruction that must fit in `room` positions of the context."""
@@ -154,6 +156,20 @@ class ModelService:
 
         with torch.no_grad():
             return caption_images(self.m.model, self.m.tokenizer, image[None])[0]
+
+    def check_edit(self, instruction: str) -> dict[str, Any]:
+        n = self.m.config.model.patches_per_image
+        self._text(instruction, "instruction", self.m.config.model.max_seq_len - 2 * n - 4)  # editing.edit_length
+        return self._sampling(None, None)
+
+    def run_edit(self, image: torch.Tensor, instruction: str, sampling: dict[str, Any], progress,
+                 seed: int = 0) -> bytes:
+        from transfusion.editing import edit_images
+
+        with torch.no_grad():
+            out = edit_images(self.m.model, self.m.tokenizer, image[None], [instruction], self.schedule,
+                              generator=torch.Generator().manual_seed(int(seed)), progress=progress, **sampling)
+        return png_bytes(out[0], self.scale)
 
     def check_generate(self, prompt: str, max_new_tokens: int | None) -> int:
         self._text(prompt, "prompt", self.m.config.model.max_seq_len - 2)

@@ -36,7 +36,7 @@ from transfusion.data.registry import get_dataset
 from transfusion.diffusion import build_schedule
 from transfusion.decoding import generate_images, sampling_args
 from transfusion.log import log
-from transfusion.metrics import MetricsLogger, plot_loss_curve, save_image_grid
+from transfusion.metrics import plot_loss_curve, save_image_grid
 from transfusion.model.build import build_model
 from transfusion.parallel import process_group as pg
 from transfusion.parallel.parallelize import materialize, parallelize
@@ -45,6 +45,7 @@ from transfusion.tokenizer import Tokenizer
 from transfusion.train.ema import EMA
 from transfusion.train.optim import build_optimizer, lr_at, set_lr
 from transfusion.train.step import StepResult, split_rows, train_step
+from transfusion.train.tb import RunLogger
 
 
 class StopAtStepBoundary:
@@ -84,6 +85,7 @@ class TrainState:
     tokens_seen: int = 0
     train_s: float = 0.0  # wall seconds in optimiser steps (data, forward, backward, update, EMA; not saves
     # or sample grids), summed over resumes: the x axis of time-to-quality curves
+    init_from: str = ""  # the checkpoint a fine-tune's weights started from (train.init_from, resolved)
 
 
 # ------------------------------------------------------------------------------------------ construction
@@ -124,6 +126,37 @@ def _restore(path: Path, run: "Run") -> TrainState:
             log.info(f"note: {loaded.path} has no EMA; starting the EMA from the loaded weights")
         run.ema.__init__(run.model, run.ema.decay)
     return state
+
+
+def _init_from(source: str, run: "Run") -> Path:
+    """Collective: a fresh run (step 0, new optimiser, data from its start) takes the weights, and the EMA if
+    both have one, of `source` (a run's latest checkpoint or a step directory). Read by the DCP loader, the one
+    path resume uses; another architecture or tokenizer is refused in one line before any tensor is read."""
+    try:
+        ckpt = layout.resolve(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"--init-from: {e}") from None
+    if not dcp.is_dcp_checkpoint(ckpt):
+        raise CheckpointError(f"--init-from {ckpt}: a single-file export has no training shards; start from the "
+                              "run's training checkpoint (checkpoints/step_*/ with dcp/)")
+    try:
+        layout.check_model_config(layout.read_config(ckpt).model, run.cfg.model, ckpt)
+    except CheckpointError as e:  # one line: the differences, then what to do
+        head, *diffs = str(e).splitlines()
+        raise CheckpointError(f"--init-from: {head} {'; '.join(d.strip() for d in diffs)}; a fine-tune keeps the "
+                              "source's architecture (copy its [model] section)") from None
+    src_tok = ckpt / layout.TOKENIZER_FILE
+    if src_tok.is_file() and Tokenizer.load(src_tok).hf.to_str() != run.tokenizer.hf.to_str():
+        raise CheckpointError(f"--init-from {ckpt}: its tokenizer differs from this run's; set "
+                              f"data.tokenizer = \"{src_tok}\"")
+    with torch.random.fork_rng(devices=[]):  # dcp.load restores the source's RNG state; this run keeps its own
+        loaded = dcp.load(ckpt, run.model, None, run.cfg, ema=run.ema)
+    if run.ema is not None and not loaded.has_ema:  # start this run's EMA from the loaded weights
+        run.ema.__init__(run.model, run.ema.decay)
+    if run.info.is_main:
+        log.info(f"initialised the weights{' and EMA' if run.ema is not None and loaded.has_ema else ''} from "
+                 f"{ckpt} (its step {loaded.step}); optimiser and step start fresh")
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------------ samples
@@ -230,6 +263,8 @@ def setup_run(cfg: Config, out: Path, resume: bool, info: DistInfo) -> Run:
     if resume_from is not None:
         run.state = _restore(resume_from, run)
         run.last_saved = run.state.step
+    elif cfg.train.init_from:  # a fine-tune: weights from another run, everything else fresh
+        run.state.init_from = str(_init_from(cfg.train.init_from, run))
     if info.is_main:
         (out / "config.toml").write_text(config_mod.dump_toml(cfg))
     return run
@@ -252,7 +287,9 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
     state, cfg, tc, info = run.state, run.cfg, run.cfg.train, run.info
     logger = None
     if info.is_main:
-        logger = MetricsLogger(run.out / "metrics.jsonl", resume_step=state.step if run.last_saved >= 0 else None)
+        # metrics.jsonl with mfu, and TensorBoard (train/tb.py)
+        logger = RunLogger(run.out, cfg, info.device, info.world_size,
+                           resume_step=state.step if run.last_saved >= 0 else None)
     bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, dynamic_ncols=True, mininterval=1.0)
     batches = iter(run.loader)
     rows = tc.batch_size // info.world_size  # this rank's rows: global rows [rank*rows, (rank+1)*rows)
@@ -291,6 +328,8 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
         run.save()
     if not stop.requested:  # an interrupted user wants their prompt back, not a sample grid
         run.visuals()
+    if logger is not None:
+        logger.close()  # TensorBoard: the final sample grid, then flush
     return _summary(run, stats, time.perf_counter() - t_start)
 
 
@@ -352,6 +391,8 @@ def _summary(run: Run, stats: StepResult | None, wall: float) -> dict[str, Any]:
         "checkpoint": str(layout.find_latest(run.out)),
         "world_size": run.info.world_size,
     }
+    if state.init_from:
+        summary["init_from"] = state.init_from
     data_stats = getattr(run.loader, "stats", None)
     if data_stats is not None and hasattr(data_stats, "to_dict"):
         summary["data"] = data_stats.to_dict()  # skipped inputs of a user folder, by reason (this rank's)

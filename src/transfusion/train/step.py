@@ -135,7 +135,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     """
     tc = cfg.train
     local_text = sum(int((mb.lm_targets != IGNORE).sum()) for mb in micro_batches)
-    local_img = sum(mb.num_images for mb in micro_batches)
+    local_img = sum(int(mb.diffused.sum()) for mb in micro_batches)  # CLEAN conditioning images are no target
     n_text, n_img = all_reduce_sum([local_text, local_img], info.device)
     rows = micro_batches[0].tokens.shape[0]
     lm_part = diff_part = 0.0

@@ -119,6 +119,14 @@ $("generate-form").addEventListener("submit", async (e) => {
   setStatus("generate-status", "done");
 });
 
+// Show the chosen file before it is sent (it never leaves the browser until the button is pressed).
+for (const [input, preview] of [["caption-file", "caption-preview"], ["edit-file", "edit-preview"]]) {
+  $(input).addEventListener("change", () => {
+    const file = $(input).files[0];
+    if (file) { $(preview).src = URL.createObjectURL(file); $(preview).hidden = false; }
+  });
+}
+
 fetch("/health").then((r) => r.json()).then((h) => {
   const m = h.model;
   $("model-info").textContent = `Model: ${m.checkpoint} (${m.image_size}×${m.image_size}, ${m.prediction}, ` +
