@@ -83,8 +83,16 @@ def test_caption_and_generate(run_dir: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(run_dir), "--prompt", "a red bag <boi>", "--max-new-tokens", "3",
                  "--steps", "2", "--out-dir", str(tmp_path / "gen")]) == 0
-    assert "[image:" in capsys.readouterr().out
+    single = capsys.readouterr().out
+    assert "[image:" in single
     assert (tmp_path / "gen" / "generated_00.png").is_file()
+    # several prompts are generated together; prompt i with seed --seed + i, so the first matches the run above
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "a red bag <boi>", "--prompt", "ROMEO:",
+                 "--max-new-tokens", "3", "--steps", "2", "--out-dir", str(tmp_path / "gen2")]) == 0
+    both = capsys.readouterr().out
+    assert "--- prompt 1" in both and "--- prompt 2" in both
+    first = Image.open(tmp_path / "gen2" / "generated_00_00.png")
+    assert list(first.getdata()) == list(Image.open(tmp_path / "gen" / "generated_00.png").getdata())
 
 
 def test_bad_inputs_exit_2(run_dir: Path, tmp_path: Path, capsys) -> None:
@@ -202,6 +210,6 @@ def test_min_new_tokens_bans_the_end_of_document(run_dir: Path, tmp_path: Path, 
     gen = ["generate", "--ckpt", str(run_dir), "--prompt", "x", "--steps", "2", "--out-dir", str(tmp_path)]
     assert main([*gen, "--max-new-tokens", "20"]) == 0
     out = capsys.readouterr()
-    assert out.out.strip() == "x" and "ended the document after the prompt" in out.err
+    assert out.out.strip() == "x" and "ended the document after prompt 'x'" in out.err
     assert main([*gen, "--max-new-tokens", "12", "--min-new-tokens", "8"]) == 0
     assert len(capsys.readouterr().out) >= len("x") + 8 + 1  # 8 tokens of at least one character, print's newline

@@ -174,32 +174,37 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Free generation for one or more --prompt values, decoded together (decoding.generate_batch); prompt i
+    samples with seed --seed + i, so each output is the same as generating that prompt alone with that seed."""
     from transfusion.diffusion import build_schedule
-    from transfusion.decoding import generate, sampling_args
+    from transfusion.decoding import generate_batch, sampling_args
 
     _positive("--max-new-tokens", args.max_new_tokens)
     m = _load(args)
     out_dir = Path(args.out_dir)
     sampling = sampling_args(m.config.diffusion, args.steps, args.cfg)
     with torch.no_grad(), _precision(m.model, args.precision):
-        parts = generate(
+        docs = generate_batch(
             m.model, m.tokenizer, args.prompt, build_schedule(m.config.diffusion),
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            generator=_generator(args.seed), min_new_tokens=args.min_new_tokens, **sampling,
+            generators=[_generator(args.seed + i) for i in range(len(args.prompt))],
+            min_new_tokens=args.min_new_tokens, **sampling,
         )
-    pieces, n_img = [args.prompt], 0
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            path = out_dir / f"{args.name}_{n_img:02d}.png"
-            _save_images(part if part.dim() == 4 else part[None], path, args.scale)
-            pieces.append(f"[image: {path}]")
-            n_img += 1
-        else:
-            pieces.append(str(part))
-    print("".join(p if not p.startswith("[image") else f"\n{p}\n" for p in pieces))
-    if not n_img and not "".join(pieces[1:]).strip():
-        log.info("note: the model ended the document after the prompt with no text but whitespace (EOS); ask for "
-                 "text with --min-new-tokens 32, or sample with --temperature 0.8")
+    for i, (prompt, parts) in enumerate(zip(args.prompt, docs)):
+        stem = args.name if len(args.prompt) == 1 else f"{args.name}_{i:02d}"
+        pieces, n_img = [prompt], 0
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                path = out_dir / f"{stem}_{n_img:02d}.png"
+                _save_images(part if part.dim() == 4 else part[None], path, args.scale)
+                pieces.append(f"\n[image: {path}]\n")
+                n_img += 1
+            else:
+                pieces.append(str(part))
+        print(("" if len(args.prompt) == 1 else f"--- prompt {i + 1}\n") + "".join(pieces))
+        if not n_img and not "".join(pieces[1:]).strip():
+            log.info(f"note: the model ended the document after prompt {prompt!r} with no text but whitespace "
+                     "(EOS); ask for text with --min-new-tokens 32, or sample with --temperature 0.8")
     return 0
 
 
@@ -352,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="free mode-switching generation: text, and images wherever BOI appears")
     _add_inference_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="repeat for several documents, generated together (prompt i uses seed --seed + i)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 -> greedy (the paper's text decoding)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
