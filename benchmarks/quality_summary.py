@@ -6,6 +6,7 @@ Reads (each written by the benchmark named beside it):
     eps_ablation.json      benchmarks/quality_sweep.py + lean_reference.py   eps-prediction at the demo budget
     objectives.json        benchmarks/quality_sweep.py                       eps / v / flow at equal compute
     time_to_quality.json   benchmarks/time_to_quality.py                     ours vs transfusion-pytorch
+    small_eval.json        `transfusion eval --ckpt RUN --suite full` of a configs/small.toml run (issue 12 §2)
 A number that has not been measured yet is null, with the reason under `missing`: nothing here is typed in.
 """
 
@@ -50,9 +51,19 @@ def summarise(results: Path) -> dict:
         out["demo_both"], out["demo_both_n"] = last["both"], ttq["n_prompts"]
     else:
         out["missing"]["time_to_quality_s"] = "benchmarks/results/time_to_quality.json not written yet"
-    for key in ("small_both", "small_both_heldout", "small_fid"):
-        out[key] = None
-        out["missing"][key] = "configs/small.toml (issue 12 §2) has not been trained yet"
+    small = _load(results / "small_eval.json")
+    keys = ("small_both", "small_both_seen", "small_both_heldout", "small_fid", "small_captions_both",
+            "small_diversity")
+    if small:
+        a, cap = small["alignment"], small.get("caption_accuracy") or {}
+        out.update(small_both=a["both"], small_both_seen=a["both_seen"], small_both_heldout=a["both_heldout"],
+                   small_fid=small.get("fid"), small_captions_both=cap.get("both"),
+                   small_diversity=small.get("diversity"), small_n_samples=small.get("n_samples"),
+                   small_checkpoint=small.get("checkpoint"), small_ema=small.get("ema"))
+    else:
+        for key in keys:
+            out[key] = None
+            out["missing"][key] = "benchmarks/results/small_eval.json (configs/small.toml, issue 12 §2) not written yet"
     return out
 
 

@@ -134,8 +134,9 @@ def browser_available() -> str | None:
 
 
 def drive_page(url: str, upload: Path, prompt: str = "a red sneaker", screenshot: Path | None = None,
-               wait_s: float = 300.0) -> dict[str, Any]:
-    """Type a prompt and wait for the streamed image, upload an image and read its caption, in headless Chromium."""
+               wait_s: float = 300.0, generate_prompt: str | None = None) -> dict[str, Any]:
+    """Type a prompt and wait for the streamed image, upload an image and read its caption (and, with
+    `generate_prompt`, run a free generation), in headless Chromium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -167,6 +168,15 @@ def drive_page(url: str, upload: Path, prompt: str = "a red sneaker", screenshot
                   "caption_status": driver.find_element(By.ID, "caption-status").text,
                   "caption": driver.find_element(By.ID, "caption-text").text,
                   "draw_status": driver.find_element(By.ID, "draw-status").text}
+        if generate_prompt is not None:
+            box = driver.find_element(By.ID, "generate-prompt")
+            box.clear()
+            box.send_keys(generate_prompt)
+            driver.find_element(By.ID, "generate-go").click()
+            wait.until(lambda d: d.find_element(By.ID, "generate-status").text == "done"
+                       or "error" in d.find_element(By.ID, "generate-status").get_attribute("class"))
+            result["generated"] = driver.find_element(By.ID, "generate-output").text
+            result["generated_images"] = len(driver.find_elements(By.CSS_SELECTOR, "#generate-output img"))
         if screenshot is not None:
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(screenshot))
@@ -187,6 +197,7 @@ def main() -> int:
     p.add_argument("--browser", action="store_true", help="drive the page in headless Chromium instead")
     p.add_argument("--screenshot", default=None)
     p.add_argument("--upload", default=None, help="image to caption in the browser (default: a drawn one)")
+    p.add_argument("--generate", default=None, help="also run a free generation of this prompt in the browser")
     a = p.parse_args()
     extra = ["--max-queue", str(a.max_queue), "--timeout", "600"]
     with running_server(a.ckpt, extra, threads=a.threads) as url:
@@ -199,7 +210,8 @@ def main() -> int:
             if not a.upload:
                 upload.write_bytes(httpx.post(url + "/api/image", json={"prompt": "a blue bag", "seed": 1},
                                               timeout=600).content)
-            res = drive_page(url, upload, screenshot=Path(a.screenshot) if a.screenshot else None)
+            res = drive_page(url, upload, screenshot=Path(a.screenshot) if a.screenshot else None,
+                             generate_prompt=a.generate)
         else:
             res = load_test(url, a.clients, a.seconds, a.steps)
     print(json.dumps(res, indent=1))
