@@ -46,8 +46,9 @@ def test_page_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     upload = tmp_path / "in.png"
     Image.new("RGB", (28, 28), (30, 30, 200)).save(upload)
     with running_server(run_dir) as url:
-        res = drive_page(url, upload, screenshot=tmp_path / "page.png", wait_s=120)
+        res = drive_page(url, upload, screenshot=tmp_path / "page.png", wait_s=120, generate_prompt="a red bag <boi>")
     assert res["draw_status"] == "done" and res["image_src_prefix"] == "data:image/png;base64,"
     assert res["progress_max"] == 4  # the micro config's diffusion.sample_steps, streamed step by step
     assert res["caption_status"] == "done", res
+    assert res["generated"].startswith("a red bag") and res["generated_images"] == 1  # "<boi>" forces an image
     assert (tmp_path / "page.png").stat().st_size > 10_000
