@@ -213,7 +213,8 @@ def main() -> int:
             res = drive_page(url, upload, screenshot=Path(a.screenshot) if a.screenshot else None,
                              generate_prompt=a.generate)
         else:
-            res = load_test(url, a.clients, a.seconds, a.steps)
+            res = {"ckpt": str(a.ckpt), "max_queue": a.max_queue, "server_threads": a.threads,
+                   **load_test(url, a.clients, a.seconds, a.steps)}
     print(json.dumps(res, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
