@@ -100,11 +100,13 @@ def _compute(cfg: Config, facts: TrainingFacts) -> list[str]:
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     flops = f"{per_token * facts.tokens_seen:.3g}" if facts.tokens_seen is not None else "not recorded"
     hours = f" ({facts.train_s / 3600:.1f} h)" if facts.train_s is not None and facts.train_s >= 3600 else ""
+    train_time = ("not recorded (the run predates train_s)" if facts.train_s is None
+                  else f"{facts.train_s:,.0f} s{hours} in optimiser steps, summed over resumes")
     lines = ["| | |", "|---|---|",
              f"| optimiser steps | {facts.step:,} (of train.steps = {cfg.train.steps:,}) |",
              f"| global batch | {cfg.train.batch_size} rows x {cfg.data.seq_len} tokens |",
              f"| tokens seen | {_num(facts.tokens_seen)} |",
-             f"| training time | {_num(facts.train_s, ',.0f')} s{hours} in optimiser steps, summed over resumes |",
+             f"| training time | {train_time} |",
              f"| training FLOPs | {flops} ({per_token / 1e6:.1f} MFLOP per token x tokens seen; PaLM's model-FLOPs "
              "convention, transfusion/model/flops.py) |",
              f"| ranks | {_num(facts.world_size)}; device train.device = {cfg.train.device}, bf16 autocast "
