@@ -295,35 +295,8 @@ def _precision(model: Any, precision: str):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transfusion", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a model from a TOML config")
-    p.add_argument("config", help="TOML config, e.g. configs/tiny.toml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, PNGs)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--init-from", default="", metavar="RUN",
-                   help="fine-tune: start from the weights (and EMA) of RUN's latest checkpoint (or a step "
-                        "directory) with a fresh optimiser at step 0; the architecture must match")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("export", help="training checkpoint -> single-file safetensors checkpoint")
-    p.add_argument("ckpt", help="run directory (uses its latest checkpoint) or a step directory")
-    p.add_argument("--out", required=True, help="directory for the export (OUT/checkpoints/step_XXXXXXXX)")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("release", help="a run's checkpoint -> a directory to publish: weights, config, tokenizer, "
-                                       "model card")
-    p.add_argument("run", help="run directory (uses its latest checkpoint) or a step directory")
-    p.add_argument("--out", required=True, help="new directory for the release (loadable as --ckpt OUT)")
-    p.add_argument("--no-ema", action="store_true", help="release the raw training weights instead of the EMA")
-    p.add_argument("--eval", action="append", metavar="REPORT.json",
-                   help="`transfusion eval` report(s) for the card (default: eval*.json kept with the run)")
-    p.set_defaults(func=cmd_release)
-
+def _add_inference_verbs(sub: argparse._SubParsersAction) -> None:
+    """sample / caption / edit / generate: the verbs that run a trained model once."""
     p = sub.add_parser("sample", help="text -> image(s)")
     _add_inference_args(p)
     p.add_argument("--prompt", required=True)
@@ -369,6 +342,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="generated", help="image file name prefix")
     p.add_argument("--scale", type=int, default=4)
     p.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transfusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a TOML config")
+    p.add_argument("config", help="TOML config, e.g. configs/tiny.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, PNGs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--init-from", default="", metavar="RUN",
+                   help="fine-tune: start from the weights (and EMA) of RUN's latest checkpoint (or a step "
+                        "directory) with a fresh optimiser at step 0; the architecture must match")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="training checkpoint -> single-file safetensors checkpoint")
+    p.add_argument("ckpt", help="run directory (uses its latest checkpoint) or a step directory")
+    p.add_argument("--out", required=True, help="directory for the export (OUT/checkpoints/step_XXXXXXXX)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("release", help="a run's checkpoint -> a directory to publish: weights, config, tokenizer, "
+                                       "model card")
+    p.add_argument("run", help="run directory (uses its latest checkpoint) or a step directory")
+    p.add_argument("--out", required=True, help="new directory for the release (loadable as --ckpt OUT)")
+    p.add_argument("--no-ema", action="store_true", help="release the raw training weights instead of the EMA")
+    p.add_argument("--eval", action="append", metavar="REPORT.json",
+                   help="`transfusion eval` report(s) for the card (default: eval*.json kept with the run)")
+    p.set_defaults(func=cmd_release)
+
+    _add_inference_verbs(sub)
 
     p = sub.add_parser("serve", help="the web demo: a page and a JSON/PNG API for one model")
     p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or a step directory")
