@@ -77,6 +77,8 @@ def test_model_imports_architecture_only() -> None:
     ("transfusion.evaluate", ["transfusion.train", "transfusion.parallel"]),
     ("transfusion.decoding", ["transfusion.train", "transfusion.parallel", "transfusion.checkpoint"]),
     ("transfusion.inference", ["transfusion.train", "transfusion.parallel"]),
+    ("transfusion.editing", ["transfusion.train", "transfusion.parallel", "transfusion.checkpoint"]),
+    ("transfusion.serve", ["transfusion.train", "transfusion.parallel", "transfusion.cli"]),
     ("transfusion.data", ["transfusion.model", "transfusion.train", "transfusion.backends"]),
     ("transfusion.backends", ["transfusion.train", "transfusion.parallel", "transfusion.checkpoint"]),
 ])
