@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from transfusion.data import fashion
-from transfusion.config import ConfigError
 from transfusion.data.dataset import Dataset, Examples, PromptGrid
 from transfusion.data.image_text import ImageTextSet, InterleavedText, SkipStats, numpy_patchify
 from transfusion.images import resize
@@ -203,8 +202,7 @@ class ColourFashion(Dataset):
     eval_suite = "colour_fashion"  # item classifier + colour reader + FID (evaluate/)
 
     def image_set(self, tokenizer, split: str, image_size: int, channels: int) -> tuple[ImageTextSet, SkipStats]:
-        if channels != 3:
-            raise ConfigError(f"the colour_fashion dataset gives RGB images; set model.image_channels = 3 (got {channels})")
+        self.require_rgb(channels)
         images = colour_fashion_set(tokenizer, split, image_size, self.data.use_full_dataset)
         return images, SkipStats(used=len(images))
 

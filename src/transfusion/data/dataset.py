@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from transfusion.config import DataConfig
+from transfusion.config import ConfigError, DataConfig
 from transfusion.data.image_text import ImageTextSet, SkipStats
 from transfusion.data.mixture import DocumentSampler
 
@@ -65,6 +65,11 @@ class Dataset(ABC):
     @abstractmethod
     def sample_prompts(self, n: int) -> list[str]:
         """`n` prompts that show what a model of this dataset can draw (the trainer's sample grid)."""
+
+    def require_rgb(self, channels: int) -> None:
+        """ConfigError unless the model takes 3-channel images (every dataset here gives RGB)."""
+        if channels != 3:
+            raise ConfigError(f"the {self.name} dataset gives RGB images; set model.image_channels = 3 (got {channels})")
 
     def prompt_grid(self) -> PromptGrid | None:
         return None

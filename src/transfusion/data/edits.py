@@ -371,8 +371,7 @@ class EditFolderDataset(Dataset):
         return Path(self.data.folder)
 
     def image_set(self, tokenizer, split: str, image_size: int, channels: int) -> tuple[FolderEdits, SkipStats]:
-        if channels != 3:
-            raise ConfigError(f"the edit dataset gives RGB images; set model.image_channels = 3 (got {channels})")
+        self.require_rgb(channels)
         return load_edit_folder(self._root(), tokenizer, image_size, self.data.max_caption_tokens)
 
     def sample_prompts(self, n: int) -> list[str]:
@@ -390,8 +389,7 @@ class RecolourDataset(Dataset):
     document_sampler = EditSampler
 
     def image_set(self, tokenizer, split: str, image_size: int, channels: int) -> tuple[RecolourEdits, SkipStats]:
-        if channels != 3:
-            raise ConfigError(f"the recolour dataset gives RGB images; set model.image_channels = 3 (got {channels})")
+        self.require_rgb(channels)
         edits = recolour_set(tokenizer, split, image_size, self.data.use_full_dataset)
         return edits, SkipStats(used=len(edits))
 

@@ -100,8 +100,7 @@ class FolderDataset(Dataset):
         return Path(self.data.folder)
 
     def image_set(self, tokenizer, split: str, image_size: int, channels: int) -> tuple[ImageTextSet, SkipStats]:
-        if channels != 3:
-            raise ConfigError(f"the folder dataset gives RGB images; set model.image_channels = 3 (got {channels})")
+        self.require_rgb(channels)
         return load_folder(self._root(), tokenizer, image_size, self.data.max_caption_tokens)
 
     def sample_prompts(self, n: int) -> list[str]:
