@@ -112,3 +112,50 @@ def test_patch_pos_emb_with_unet_is_a_config_error():
 
     with pytest.raises(ConfigError, match="patch_pos_emb"):
         ModelConfig.from_name("micro", patch_encoder="unet", patch_pos_emb=True)
+
+
+def test_unet_attention_mixes_positions_within_an_image_only():
+    """GridAttention: every position of an image reads every other (a change at one corner reaches the opposite
+    one through the attention branch alone), never another image's; and the U-Net wires it in, down and up."""
+    from transfusion.model.patch import GridAttention
+
+    torch.manual_seed(0)
+    attn = GridAttention(16, head_dim=8)
+    torch.nn.init.normal_(attn.proj.weight, std=0.5)
+    x = torch.randn(2, 16, 7, 7)
+    x2 = x.clone()
+    x2[0, :, 0, 0] += 3.0
+    delta = attn(x2) - attn(x)
+    assert delta[0, :, 6, 6].abs().max() > 1e-3  # the far corner sees it (the residual alone would not change it)
+    assert torch.equal(delta[1], torch.zeros_like(delta[1]))  # the other image does not
+    enc = UNetPatch(3, 28, 4, dim=32, width=8, attention=True)
+    enc.init_weights(0.02)
+    xs, t = torch.randn(49, 48), torch.full((49,), 10)
+    h0, ctx = enc.encode(xs, t)
+    out0 = enc.decode(h0, ctx)
+    with torch.no_grad():
+        torch.nn.init.normal_(enc.attn_down.proj.weight, std=0.5)
+    assert not torch.allclose(enc.encode(xs, t)[0], h0)  # attn_down is on the encoder path
+    with torch.no_grad():
+        torch.nn.init.normal_(enc.attn_up.proj.weight, std=0.5)
+        torch.nn.init.normal_(enc.conv_out.weight, std=0.5)
+    out1 = enc.decode(h0, ctx)
+    enc.attn_up.proj.weight.data.zero_()
+    assert not torch.allclose(enc.decode(h0, ctx), out1)  # attn_up is on the decoder path
+    assert out0.shape == out1.shape == (49, 48)
+
+
+def test_unet_attention_starts_as_identity_and_old_checkpoints_read_without_it(tmp_path):
+    from transfusion import config as config_mod
+
+    torch.manual_seed(0)
+    a = UNetPatch(3, 28, 4, dim=32, width=8, attention=True)
+    b = UNetPatch(3, 28, 4, dim=32, width=8, attention=False)
+    a.init_weights(0.02)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("attn_")})
+    x, t = torch.randn(49, 48), torch.full((49,), 10)
+    assert torch.allclose(a.encode(x, t)[0], b.encode(x, t)[0], atol=1e-6)  # zero-init attention = identity
+    saved = tmp_path / "config.toml"
+    saved.write_text('[model]\npreset = "micro"\npatch_encoder = "unet"\n')
+    assert config_mod.load(saved, saved=True).model.unet_attention is False  # written before the key existed
+    assert config_mod.load(saved).model.unet_attention is True  # a user's config gets the paper's default

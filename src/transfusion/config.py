@@ -31,6 +31,11 @@ class AttentionMask(str, enum.Enum):
     CAUSAL = "causal"  # plain causal everywhere (ablation, paper Table 5)
 
 
+class Family(str, enum.Enum):
+    TRANSFUSION = "transfusion"  # images as continuous patches, diffusion loss (the paper's model)
+    CHAMELEON = "chameleon"  # images as VQ-VAE tokens in the vocabulary, next-token loss (the paper's baseline)
+
+
 class AttentionImpl(str, enum.Enum):
     SDPA = "sdpa"  # scaled_dot_product_attention with a dense bool mask (CPU + GPU, has backward)
     FLEX = "flex"  # FlexAttention with a BlockMask built from the same rule (GPU training)
@@ -97,6 +102,9 @@ class ModelConfig:
     patch_encoder: PatchEncoder = PatchEncoder.LINEAR
     unet_width: int = 64  # U-Net channels at full resolution, doubled per level (log2(patch_size) levels)
     unet_blocks: int = 1  # ResBlocks per U-Net level, down and up
+    # self-attention over the patch grid at the U-Net's lowest level, down and up (paper §4.3.1: "U-Net blocks
+    # contain bidirectional attention within"); false = convolutions only (checkpoints from before 2026-12-05)
+    unet_attention: bool = True
     # extension (paper is silent): a learned 2-D position embedding added to each patch encoding, initialised
     # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence
     patch_pos_emb: bool = False
@@ -109,8 +117,19 @@ class ModelConfig:
     patch_init_std: float = 0.0
     attention_mask: AttentionMask = AttentionMask.TRANSFUSION
     attention_impl: AttentionImpl = AttentionImpl.SDPA
+    # Chameleon's stability changes (Chameleon §2.3; both off = the Llama blocks, bit for bit)
+    qk_norm: bool = False  # LayerNorm per head (own affine per head) on q and k, before RoPE
+    post_norm: bool = False  # norm reordering: h = x + norm(f(x)) (Chameleon, Swin-v2) instead of x + f(norm(x))
+    # which network (docs/sweeps.md): "chameleon" reads images as VQ-VAE codes appended to the vocabulary (ids
+    # vocab_size .. vocab_size + codebook_size - 1), one code per patch_size x patch_size pixel patch, so
+    # patch_size is the VQ-VAE's downsampling factor and image_channels its input channels
+    family: Family = Family.TRANSFUSION
+    codebook_size: int = 0  # chameleon: codes of the VQ-VAE (data.vq); transfusion: unused, 0
 
     def __post_init__(self) -> None:
+        self.family = Family(self.family)
+        if self.family == Family.CHAMELEON and self.codebook_size < 1:
+            raise ConfigError("model.family = \"chameleon\" needs model.codebook_size >= 1 (the VQ-VAE's codes)")
         self.patch_encoder = PatchEncoder(self.patch_encoder)
         self.attention_mask = AttentionMask(self.attention_mask)
         self.attention_impl = AttentionImpl(self.attention_impl)
@@ -226,6 +245,10 @@ class DataConfig:
     # writing after EOI. Needs a dataset with interleaved templates (colour_fashion; a folder has none).
     # 0 draws nothing extra: batches are exactly those of a run without the setting
     interleaved_prob: float = 0.0
+    # model.family = "chameleon": the VQ-VAE whose codes the images become (a checkpoint or run directory of
+    # transfusion.autoencoder), or "fixed:L" — a parameter-free quantiser (chameleon/vq.py: each patch's mean
+    # colour in L levels per channel, L**3 codes) for plumbing and tests
+    vq: str = ""
 
 
 @dataclass
@@ -243,6 +266,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     lm_weight: float = 1.0
     diffusion_weight: float = 5.0  # lambda (paper eq. 4)
+    # Chameleon's z-loss ("denominator loss", 1e-5 there): z_loss * mean over the LM targets of log^2 Z, Z the
+    # softmax normaliser of the LM head's logits; keeps the logits from drifting (losses.py). 0 -> off
+    z_loss: float = 0.0
     bf16: bool = False
     ema: float = 0.0  # 0 -> no EMA
     seed: int = 0
@@ -312,6 +338,13 @@ LEGACY_KEYS: dict[str, str] = {
 }
 
 
+# Settings added after checkpoints were written, with the value that reproduces those checkpoints: a saved
+# config.toml without the key reads as the model it was (a user's config without it gets the new default).
+SAVED_DEFAULTS: dict[str, Any] = {
+    "model.unet_attention": False,  # added 2026-12-05; earlier U-Nets had no attention block
+}
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 _SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -366,10 +399,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load(path: str | Path | None = None, overrides: list[str] | None = None, saved: bool = False) -> Config:
     """Build a Config from an optional TOML file and `section.key=value` overrides.
 
     `[model] preset = "tiny"` starts the model section from a named preset before applying the other keys.
+    `saved`: the file is a checkpoint's own config.toml; keys it predates take SAVED_DEFAULTS.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -382,6 +416,12 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         except UnicodeDecodeError as e:  # found by fuzzing: a binary or mis-encoded file escaped as a traceback
             raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if saved:
+            for key, value in SAVED_DEFAULTS.items():
+                section, name = key.split(".")
+                table = raw.get(section)
+                if isinstance(table, dict) and name not in table:
+                    table[name] = value
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = raw

@@ -287,7 +287,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
 
 def read_config(ckpt: Path) -> Config:
     try:
-        return config_mod.load(ckpt / CONFIG_FILE)
+        return config_mod.load(ckpt / CONFIG_FILE, saved=True)
     except ConfigError as e:
         raise CheckpointError(f"{ckpt}: cannot read its {CONFIG_FILE}: {e}") from None
 

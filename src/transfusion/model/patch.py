@@ -126,14 +126,19 @@ class LinearPatch(PatchEncoderBase):
 # after it, with skip connections from each down level to the matching up level.
 #
 #     encode:  patches (P, D) -> images (N, C, H, W) -> conv_in -> [ResBlock(t) x blocks, save skip, Down] x levels
-#              -> (N, c_L, H/k, W/k) -> 1x1 conv to dim -> (P, dim) in reading order
-#     decode:  (P, dim) -> (N, dim, H/k, W/k) -> 1x1 conv to c_L -> [Up, concat skip, ResBlock(t) x blocks] x levels
-#              -> norm, SiLU, conv_out -> (N, C, H, W) -> patches (P, D)
+#              -> (N, c_L, H/k, W/k) -> [Attention] -> 1x1 conv to dim -> (P, dim) in reading order
+#     decode:  (P, dim) -> (N, dim, H/k, W/k) -> 1x1 conv to c_L -> [Attention] -> [Up, concat skip, ResBlock(t) x
+#              blocks] x levels -> norm, SiLU, conv_out -> (N, C, H, W) -> patches (P, D)
 #
 # levels = log2(patch_size) (28x28 pixels in 4x4 patches: 28 -> 14 -> 7, two levels); the widths double per level
 # from `unet_width`. The timestep enters every ResBlock as an added per-channel bias (Ho et al. 2020 style); like
 # the paper (fn. 7) there is no adaptive norm: each norm is a plain layer norm over (C, H, W) (GroupNorm with one
 # group). The convolutions see across patch borders, so the decoder can draw edges a linear layer cannot.
+#
+# With `attention` (model.unet_attention, on by default) a self-attention block over the patch grid follows the last
+# down step and precedes the first up step: the paper's U-Net blocks "contain bidirectional attention within,
+# independent of the transformer's attention mask" (§4.3.1), which is its explanation of why the U-Net helps most
+# under a causal mask (Table 5). Each image attends only within itself.
 #
 # Patches arrive as whole images in reading order (the same contract as `LinearPatch`'s position embedding), and
 # every patch of an image shares one timestep, so t of image i is t[i * n]. `encode` returns the skip activations
@@ -161,9 +166,28 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class GridAttention(nn.Module):
+    """norm -> multi-head self-attention over one image's h*w positions -> projection, added to the input
+    (zero-initialised projection: the block starts as the identity)."""
+
+    def __init__(self, channels: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, c, h, w) -> (N, c, h, w)
+        N, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(N, 3, self.heads, c // self.heads, h * w)  # (N, 3, H, d, hw)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (N, H, hw, d) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, hw, d), no mask: bidirectional within the image
+        return x + self.proj(out.transpose(-1, -2).reshape(N, c, h, w))
+
+
 class UNetPatch(PatchEncoderBase):
     def __init__(self, channels: int, image_size: int, patch_size: int, dim: int, width: int = 64,
-                 blocks: int = 1, t_freq_dim: int = 256):
+                 blocks: int = 1, t_freq_dim: int = 256, attention: bool = True):
         super().__init__()
         levels = int(math.log2(patch_size))
         if 2**levels != patch_size:
@@ -178,8 +202,10 @@ class UNetPatch(PatchEncoderBase):
             nn.ModuleList(ResBlock(widths[i], widths[i], t_dim) for _ in range(blocks)) for i in range(levels))
         self.downs = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)
                                    for i in range(levels))
+        self.attn_down = GridAttention(widths[-1]) if attention else None
         self.to_dim = nn.Conv2d(widths[-1], dim, 1)
         self.from_dim = nn.Conv2d(dim, widths[-1], 1)
+        self.attn_up = GridAttention(widths[-1]) if attention else None
         self.ups = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 3, padding=1) for i in range(levels))
         self.up_blocks = nn.ModuleList(
             nn.ModuleList(ResBlock(2 * widths[i] if j == 0 else widths[i], widths[i], t_dim) for j in range(blocks))
@@ -203,6 +229,8 @@ class UNetPatch(PatchEncoderBase):
                 h = block(h, temb)
             skips.append(h)
             h = down(h)  # (N, w_{i+1}, H/2^(i+1), W/2^(i+1))
+        if self.attn_down is not None:
+            h = self.attn_down(h)  # (N, w_L, g, g)
         h = self.to_dim(h)  # (N, dim, g, g)
         return h.flatten(2).transpose(1, 2).reshape(-1, h.shape[1]), (temb, skips)  # (P, dim) reading order
 
@@ -211,6 +239,8 @@ class UNetPatch(PatchEncoderBase):
         g = self.grid
         x = h.reshape(-1, g, g, h.shape[-1]).permute(0, 3, 1, 2)  # (N, dim, g, g)
         x = self.from_dim(x)
+        if self.attn_up is not None:
+            x = self.attn_up(x)  # (N, w_L, g, g)
         for i in reversed(range(len(self.ups))):
             x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, w_i, 2h, 2w)
             x = torch.cat([x, skips[i].to(x.dtype)], dim=1)
@@ -235,6 +265,10 @@ class UNetPatch(PatchEncoderBase):
             for block in blocks:  # residual branches start at identity
                 nn.init.zeros_(block.conv2.weight)
                 nn.init.zeros_(block.conv2.bias)
+        for attn in (self.attn_down, self.attn_up):  # attention branches start at identity too
+            if attn is not None:
+                nn.init.zeros_(attn.proj.weight)
+                nn.init.zeros_(attn.proj.bias)
         # zero output: an untrained model predicts eps = 0, as LinearPatch does
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -245,4 +279,4 @@ def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
         return LinearPatch(cfg.patch_dim, cfg.dim, cfg.patches_per_image, pos_emb=cfg.patch_pos_emb,
                            out_norm=cfg.patch_out_norm, in_std=cfg.patch_init_std)
     return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
-                     blocks=cfg.unet_blocks)
+                     blocks=cfg.unet_blocks, attention=cfg.unet_attention)
