@@ -21,7 +21,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Fashion-MNIST from Debian (MIT); falls back to the committed subset when it cannot be installed.
+# Fashion-MNIST from Debian (MIT) and the emoji npm packages (scripts/get_emoji.py); each falls back to its
+# committed subset when it cannot be fetched.
 data:
 	@bash scripts/get_data.sh
 

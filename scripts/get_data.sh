@@ -24,4 +24,13 @@ else
   echo "data: full Fashion-MNIST unavailable -> FALLBACK to the committed subset (3,000 train + 1,000 test images)."
   echo "      For the full dataset: sudo apt-get install dataset-fashion-mnist   (then rerun)"
 fi
+
+# Emoji (npm packages emoji-datasource-{google,twitter}, prepared once into the cache; falls back to the
+# committed subset src/transfusion/assets/emoji_subset.npz when npm or the registry is unreachable)
+EMOJI_PY="${EMOJI_PY:-.venv/bin/python}"
+if [ -x "$EMOJI_PY" ]; then
+  "$EMOJI_PY" scripts/get_emoji.py || echo "data: emoji preparation failed -> FALLBACK to the committed subset"
+else
+  echo "data: no $EMOJI_PY yet (run \`make venv\`): emoji -> FALLBACK to the committed subset"
+fi
 exit 0

@@ -17,6 +17,7 @@ from transfusion.checkpoint.export import save_export
 from transfusion.data import fashion
 from transfusion.evaluate import report as rep
 from transfusion.evaluate.classifier import ClassifierConfig, get_classifier
+from transfusion.evaluate.clip import ClipConfig
 from transfusion.evaluate.perplexity import perplexity
 from transfusion.evaluate.ranked import caption_logprobs
 from transfusion.images import patchify
@@ -24,6 +25,15 @@ from transfusion.tokenizer import Tokenizer
 from transfusion.model.build import build_model
 
 QUICK = ClassifierConfig(epochs=1, n_train=12_000)  # same cache entry as test_eval_calibration.py
+QUICK_CLIP = ClipConfig(steps=40, batch_size=32)  # the image-text scorer's mechanics only (cached after one run)
+# every key colour fashion's report had before the suite became dataset-driven, with its sub-keys
+COLOUR_FASHION_KEYS = {
+    "alignment": {"item", "colour", "both", "both_seen", "both_heldout", "item_heldout", "colour_heldout", "n",
+                  "n_heldout"},
+    "caption_accuracy": {"item", "colour", "both"},
+    "ranked": {"accuracy", "item", "colour", "n", "n_candidates"},
+    "diversity": {"diversity_ratio", "spread_generated", "spread_real", "precision", "recall", "k"},
+}
 
 
 def _micro(**model) -> tuple[config.Config, torch.nn.Module]:
@@ -78,7 +88,7 @@ def test_report_end_to_end(tmp_path: Path, tok) -> None:
     rep.SUITES["test"] = rep.Suite(n_samples=6, n_captions=4, n_ranked=2, ppl_tokens=256, fid=False)
     try:
         out = tmp_path / "eval" / "report.json"
-        r = rep.evaluate(run, suite="test", out=out, steps=2, classifier=clf, progress=False)
+        r = rep.evaluate(run, suite="test", out=out, steps=2, classifier=clf, clip_config=QUICK_CLIP, progress=False)
     finally:
         del rep.SUITES["test"]
     on_disk = json.loads(out.read_text())
@@ -86,6 +96,13 @@ def test_report_end_to_end(tmp_path: Path, tok) -> None:
                 "ranked_accuracy", "n_samples", "sampler", "steps", "cfg", "seconds"):
         assert key in on_disk, key
     assert set(on_disk["alignment"]) >= {"item", "colour", "both", "both_heldout"}
+    for key in ("fd_classifier", "classifier_test_accuracy", "caption_examples", "n_real", "n_captions",
+                "grids", "skipped_metrics", "clip_score", "clip_retrieval", "clip_real"):
+        assert key in on_disk, key
+    for key, sub in COLOUR_FASHION_KEYS.items():
+        assert set(on_disk[key]) >= sub, key
+    assert on_disk["ranked"]["n_candidates"] == 80 and set(on_disk["skipped_metrics"]) <= {"fid", "perplexity"}
+    assert on_disk["clip_real"]["n_candidates"] == 80 and isinstance(on_disk["clip_score"], float)
     assert on_disk["n_samples"] == 6 and on_disk["steps"] == 2 and on_disk["fid"] is None
     assert out.with_suffix(".md").read_text().startswith("# Evaluation")
     assert (tmp_path / "eval" / "report_grid.png").is_file()

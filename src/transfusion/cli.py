@@ -32,13 +32,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from transfusion.checkpoint import CheckpointError
     from transfusion.data.fashion import DatasetMissing
     from transfusion.data.folder import FolderDatasetError
+    from transfusion.data.shards_reader import ShardError
     from transfusion.decoding import GenerationError
     from transfusion.images import ImageReadError
     from transfusion.train import TrainingDiverged
 
     errors: list[type[BaseException]] = [
         config_mod.ConfigError, CheckpointError, DatasetMissing, FolderDatasetError, TrainingDiverged, BatchError,
-        CLIError, GenerationError, ImageReadError,
+        CLIError, GenerationError, ImageReadError, ShardError,
     ]
     try:
         from transfusion.tokenizer import TokenizerError
@@ -46,6 +47,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         errors.append(TokenizerError)
     except ImportError:
         pass
+    from transfusion.autoencoder.model import AutoencoderError
+
+    errors.append(AutoencoderError)
     try:  # a checkpoint the chosen eval suite cannot score (e.g. an edit fine-tune under --suite fast)
         from transfusion.evaluate.report import EvalError
 
@@ -123,11 +127,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _positive("--n", args.n)
     m = _load(args)
+    if m.config.model.family == config_mod.Family.CHAMELEON:  # codes sampled one by one (chameleon/decoding.py)
+        from transfusion.chameleon.decoding import generate_images as chameleon_images
+        from transfusion.chameleon.vq import load_vq
+
+        with torch.no_grad(), _precision(m.model, args.precision):
+            images = chameleon_images(m.model, m.tokenizer, load_vq(m.config), [args.prompt] * args.n,
+                                      cfg_scale=m.config.diffusion.cfg_scale if args.cfg is None else args.cfg,
+                                      generator=_generator(args.seed))
+        _save_images(images, Path(args.out), args.scale)
+        print(f"wrote {args.out} ({args.n} image{'s' if args.n > 1 else ''} for {args.prompt!r})")
+        return 0
     sampling = sampling_args(m.config.diffusion, args.steps, args.cfg, args.sampler)
     with torch.no_grad(), _precision(m.model, args.precision):
         images = generate_images(m.model, m.tokenizer, [args.prompt] * args.n,
                                  build_schedule(m.config.diffusion), generator=_generator(args.seed),
-                                 progress=True, **sampling)
+                                 progress=True, codec=m.codec, **sampling)
     _save_images(images, Path(args.out), args.scale)
     print(f"wrote {args.out} ({args.n} image{'s' if args.n > 1 else ''} for {args.prompt!r})")
     return 0
@@ -140,9 +155,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
     _positive("--max-new-tokens", args.max_new_tokens)
     m = _load(args)
     c = m.config.model
-    images = torch.stack([read_image(p, c.image_size, c.image_channels) for p in args.image])
+    images = torch.stack([read_image(p, m.codec.pixel_size, 3 if m.config.data.vae else c.image_channels)
+                          for p in args.image])
     with torch.no_grad(), _precision(m.model, args.precision):
-        captions = caption_images(m.model, m.tokenizer, images, max_new_tokens=args.max_new_tokens)
+        if c.family == config_mod.Family.CHAMELEON:  # the image as its codes (chameleon/decoding.py)
+            from transfusion.chameleon.decoding import caption_images as chameleon_captions
+            from transfusion.chameleon.vq import load_vq
+
+            captions = chameleon_captions(m.model, m.tokenizer, load_vq(m.config), images,
+                                          max_new_tokens=args.max_new_tokens)
+        else:
+            captions = caption_images(m.model, m.tokenizer, images, max_new_tokens=args.max_new_tokens,
+                                      codec=m.codec)
     for path, text in zip(args.image, captions):
         print(text if len(args.image) == 1 else f"{path}\t{text}")
     return 0
@@ -162,12 +186,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise CLIError(f"--image {path}: no such file")
     m = _load(args)
     c = m.config.model
-    images = torch.stack([read_image(p, c.image_size, c.image_channels) for p in args.image])
+    images = torch.stack([read_image(p, m.codec.pixel_size, 3 if m.config.data.vae else c.image_channels)
+                          for p in args.image])
     sampling = sampling_args(m.config.diffusion, args.steps, args.cfg, args.sampler)
     with torch.no_grad(), _precision(m.model, args.precision):
         edited = edit_images(m.model, m.tokenizer, images, [args.instruction] * len(images),
                              build_schedule(m.config.diffusion), generator=_generator(args.seed), progress=True,
-                             **sampling)
+                             codec=m.codec, **sampling)
     _save_images(edited, Path(args.out), args.scale)
     print(f"wrote {args.out} ({len(images)} image{'s' if len(images) > 1 else ''} edited: {args.instruction!r})")
     return 0
@@ -188,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             m.model, m.tokenizer, args.prompt, build_schedule(m.config.diffusion),
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             generators=[_generator(args.seed + i) for i in range(len(args.prompt))],
-            min_new_tokens=args.min_new_tokens, **sampling,
+            min_new_tokens=args.min_new_tokens, codec=m.codec, **sampling,
         )
     for i, (prompt, parts) in enumerate(zip(args.prompt, docs)):
         stem = args.name if len(args.prompt) == 1 else f"{args.name}_{i:02d}"
@@ -254,6 +279,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     except ImportError:
         print("tokenizer: module not available")
     return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    """A folder or JSONL of image-caption pairs -> tar shards + index.json + report.json (docs/data.md)."""
+    from transfusion.data.shards_writer import ShardOptions, write_shards
+
+    opts = ShardOptions(args.image_size, args.shard_size, args.val_fraction, args.max_caption_tokens, args.tokenizer)
+    report = write_shards(args.source, args.out, opts)
+    print(report["summary"])
+    print(f"shards: {report['records']['train']} train + {report['records']['val']} val records in {args.out} "
+          f"(index.json; skips by reason in report.json)")
+    return 0
+
+
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shard", help="image-caption folder or JSONL -> tar shards for streamed training")
+    p.add_argument("source", help="DIR with captions.jsonl, or a JSONL of {\"image\": path, \"caption\": ...}")
+    p.add_argument("--out", required=True, help="output directory (new, or without an index.json)")
+    p.add_argument("--image-size", type=int, default=64, help="square side after centre-crop + resize")
+    p.add_argument("--shard-size", type=int, default=1000, help="records per shard")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share of records held out as the val split")
+    p.add_argument("--max-caption-tokens", type=int, default=64, help="longer captions are dropped")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json measuring captions (default: the shipped one)")
+    p.set_defaults(func=cmd_shard)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -391,8 +440,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_prepare)
 
+    _add_shard(sub)
     _add_eval(sub)
+    _add_sweep(sub)
+    from transfusion.autoencoder.cli import add_verbs as add_autoencoder_verbs
+
+    add_autoencoder_verbs(sub)  # train-vae, eval-vae
     return parser
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="a grid of configs x seeds: train, eval, table and metric-vs-FLOPs plots")
+    p.add_argument("spec", help="sweep spec TOML, e.g. configs/sweeps/table5_mask_encoder.toml (docs/sweeps.md)")
+    p.add_argument("--out", required=True, help="sweep directory; rerun with the same --out to resume")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from transfusion.sweep import run_sweep
+
+    try:
+        run_sweep(args.spec, args.out)
+    except RuntimeError as e:  # a run's train/eval subprocess failed; its log says why
+        raise CLIError(f"sweep stopped: {e}; fix it and rerun the same command to resume") from None
+    print(f"wrote {Path(args.out) / 'sweep.md'}, sweep.json and plots/")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,8 +231,12 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "colour_fashion"  # a name in data/registry.py: colour_fashion | folder | edit | recolour
-    folder: str = ""  # DIR of a user's data: images + captions.jsonl ("folder") or + edits.jsonl ("edit")
+    dataset: str = "colour_fashion"  # a name in data/registry.py: colour_fashion | folder | edit | recolour | shards
+    # DIR of a user's data: images + captions.jsonl ("folder"), + edits.jsonl ("edit"), or the output of
+    # `transfusion shard` ("shards", streamed: docs/data.md)
+    folder: str = ""
+    shuffle_buffer: int = 1000  # "shards": records per stream slot's shuffle buffer (memory: records, not the set)
+    loader_workers: int = 1  # "shards": stream slots per rank; the shards are split over world_size x this
     tokenizer: str = ""  # path to tokenizer.json; "" -> the shipped one
     seq_len: int = 256  # packed row length
     image_first_prob: float = 0.2  # paper §4.1: caption first 80%, image first 20%
@@ -245,6 +249,11 @@ class DataConfig:
     # writing after EOI. Needs a dataset with interleaved templates (colour_fashion; a folder has none).
     # 0 draws nothing extra: batches are exactly those of a run without the setting
     interleaved_prob: float = 0.0
+    # images as latents (paper §2.3): the run directory of a `transfusion train-vae` autoencoder; "" -> pixels.
+    # Then model.image_channels = its latent channels and model.image_size = pixels / its factor (codec.py)
+    vae: str = ""
+    # the autoencoder's fingerprint, recorded by the trainer: a model is never decoded by another VAE
+    vae_fingerprint: str = ""
     # model.family = "chameleon": the VQ-VAE whose codes the images become (a checkpoint or run directory of
     # transfusion.autoencoder), or "fixed:L" — a parameter-free quantiser (chameleon/vq.py: each patch's mean
     # colour in L levels per channel, L**3 codes) for plumbing and tests
@@ -399,29 +408,21 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None, saved: bool = False) -> Config:
-    """Build a Config from an optional TOML file and `section.key=value` overrides.
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The tables of a TOML config file; ConfigError when it is missing, not TOML or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale says
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # found by fuzzing: a binary or mis-encoded file escaped as a traceback
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
-    `[model] preset = "tiny"` starts the model section from a named preset before applying the other keys.
-    `saved`: the file is a checkpoint's own config.toml; keys it predates take SAVED_DEFAULTS.
-    """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale says
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        except UnicodeDecodeError as e:  # found by fuzzing: a binary or mis-encoded file escaped as a traceback
-            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if saved:
-            for key, value in SAVED_DEFAULTS.items():
-                section, name = key.split(".")
-                table = raw.get(section)
-                if isinstance(table, dict) and name not in table:
-                    table[name] = value
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`section.key=value` overrides written into the raw tables (in place; returned for chaining)."""
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = raw
@@ -430,7 +431,23 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None, sav
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k} is not a table")
         node[keys[-1]] = value
-    return from_dict(raw)
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None, saved: bool = False) -> Config:
+    """Build a Config from an optional TOML file and `section.key=value` overrides.
+
+    `[model] preset = "tiny"` starts the model section from a named preset before applying the other keys.
+    `saved`: the file is a checkpoint's own config.toml; keys it predates take SAVED_DEFAULTS.
+    """
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
+    if saved:
+        for key, value in SAVED_DEFAULTS.items():
+            section, name = key.split(".")
+            table = raw.get(section)
+            if isinstance(table, dict) and name not in table:
+                table[name] = value
+    return from_dict(apply_overrides(raw, overrides))
 
 
 def _migrate(raw: dict[str, Any]) -> None:

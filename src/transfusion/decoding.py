@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from transfusion.codec import Codec, clip_for, decode_images, encode_images
 from transfusion.config import DiffusionConfig, samplers_for
 from transfusion.diffusion.flow import FlowSampler, FlowSchedule
 from transfusion.diffusion.samplers import DiffusionSampler, build_sampler, cfg_combine
@@ -239,9 +240,10 @@ def _images_from_patches(model: Transfusion, x: Tensor) -> Tensor:
 def generate_images(
     model: Transfusion, tokenizer: TokenizerLike, prompts: list[str], schedule: NoiseSchedule | FlowSchedule,
     steps: int = 250, cfg_scale: float = 3.0, sampler: str = "ddpm", generator: torch.Generator | None = None,
-    progress: bool = True, clip_x0: float | None = 1.0,
+    progress: bool = True, clip_x0: float | None = 1.0, codec: Codec | None = None,
 ) -> Tensor:
-    """Text -> image for a batch of captions: (N, C, H, W). CFG runs cond + uncond in one batch."""
+    """Text -> image for a batch of captions: (N, C, H, W). CFG runs cond + uncond in one batch. With a `codec`
+    (codec.py: the model's own, e.g. a VAE's latents) the images come back as pixels and x0 is clipped as it says."""
     if not prompts:
         raise GenerationError("no prompt to draw: ask for at least one image")
     tk = tokenizer
@@ -252,9 +254,9 @@ def generate_images(
     check_fits(model, n_len, "the prompt and its image")
     dec = Decoder(model, len(rows), tk.pad_id, max_len=n_len)
     dec.prefill(rows)
-    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_x0)
+    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_for(codec, clip_x0))
     x = dec.diffuse(smp, cfg_scale, len(prompts), generator, progress=progress, commit=False)
-    return _images_from_patches(model, x)
+    return decode_images(codec, _images_from_patches(model, x))
 
 
 @torch.no_grad()
@@ -283,9 +285,11 @@ def _lm_loop(dec: Decoder, logits: Tensor, tk: TokenizerLike, max_new_tokens: in
 
 @torch.no_grad()
 def caption_images(model: Transfusion, tokenizer: TokenizerLike, images: Tensor, max_new_tokens: int = 32,
-                   temperature: float = 0.0) -> list[str]:
-    """Image -> text: `BOS BOI <clean image, t=0> EOI` then greedy LM (BOI banned) until EOS."""
+                   temperature: float = 0.0, codec: Codec | None = None) -> list[str]:
+    """Image -> text: `BOS BOI <clean image, t=0> EOI` then greedy LM (BOI banned) until EOS. With a `codec` the
+    images are pixels, encoded as the model sees them (e.g. VAE latents)."""
     tk = tokenizer
+    images = encode_images(codec, images)
     rows = [[[tk.bos_id, tk.boi_id], img, [tk.eoi_id]] for img in images]
     prefix = 3 + model.cfg.patches_per_image
     check_fits(model, prefix + 1, "an image to caption")
@@ -315,7 +319,7 @@ def generate(
     max_new_tokens: int = 128, max_images: int = 4, steps: int = 250, cfg_scale: float = 3.0,
     sampler: str = "ddpm", temperature: float = 0.0, top_p: float = 1.0,
     generator: torch.Generator | None = None, progress: bool = True, clip_x0: float | None = 1.0,
-    min_new_tokens: int = 0,
+    min_new_tokens: int = 0, codec: Codec | None = None,
 ) -> list[str | Tensor]:
     """Free mode-switching generation from a text prompt: a list of text pieces and images (C, H, W).
 
@@ -329,7 +333,7 @@ def generate(
     return generate_batch(
         model, tokenizer, [prompt], schedule, max_new_tokens=max_new_tokens, max_images=max_images, steps=steps,
         cfg_scale=cfg_scale, sampler=sampler, temperature=temperature, top_p=top_p, generators=[generator],
-        progress=progress, clip_x0=clip_x0, min_new_tokens=min_new_tokens,
+        progress=progress, clip_x0=clip_x0, min_new_tokens=min_new_tokens, codec=codec,
     )[0]
 
 
@@ -339,9 +343,10 @@ def generate_batch(
     max_new_tokens: int = 128, max_images: int = 4, steps: int = 250, cfg_scale: float = 3.0,
     sampler: str = "ddpm", temperature: float = 0.0, top_p: float = 1.0,
     generators: Sequence[torch.Generator | None] | None = None, progress: bool = True,
-    clip_x0: float | None = 1.0, min_new_tokens: int = 0,
+    clip_x0: float | None = 1.0, min_new_tokens: int = 0, codec: Codec | None = None,
 ) -> list[list[str | Tensor]]:
-    """`generate` for several prompts at once: one list of text pieces and images per prompt.
+    """`generate` for several prompts at once: one list of text pieces and images per prompt (images as pixels
+    through `codec` when given; the context keeps what the model drew).
 
     Phases (module docstring): lock-step text for the rows still writing, then one diffusion for every row that
     emitted BOI, while the rest wait. Row b samples with `generators[b]` only, so the result equals
@@ -366,14 +371,16 @@ def generate_batch(
         what = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
         check_fits(model, _length(context, n) + (n + 1 if force_image else 1), what)
         rows.append(_Row(context, gens[i], force_image, max_new_tokens, []))
-    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_x0)
+    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_for(codec, clip_x0))
     while True:
         writing = [r for r in rows if not r.done and not r.wants_image]
         if writing:
             _text_phase(model, tk, writing, temperature, top_p, min_new_tokens - max_new_tokens, max_images)
         drawing = [r for r in rows if not r.done and r.wants_image]
         if not drawing:
-            return [r.pieces for r in rows]
+            if codec is None:
+                return [r.pieces for r in rows]
+            return [[codec.decode(p[None])[0] if isinstance(p, Tensor) else p for p in r.pieces] for r in rows]
         _image_phase(model, tk, drawing, smp, cfg_scale, progress)
 
 

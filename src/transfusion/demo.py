@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from transfusion import config as config_mod
+from transfusion.autoencoder.codec import image_codec
 from transfusion.data import fashion
 from transfusion.data.registry import get_dataset
 from transfusion.log import log
@@ -43,13 +44,14 @@ def draw_grid(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, see
     with torch.no_grad():
         images = generate_images(
             model, tokenizer, grid_spec.prompts, build_schedule(cfg.diffusion),
-            generator=torch.Generator().manual_seed(seed), progress=True, **sampling,
+            generator=torch.Generator().manual_seed(seed), progress=True, codec=image_codec(cfg), **sampling,
         ).float().cpu()
     wall = time.perf_counter() - t0
     borders = [HELDOUT_BORDER if m else None for m in grid_spec.marked] if grid_spec.marked else None
     scale, pad = 3, 2
     grid = make_grid(images, nrow=grid_spec.ncols, scale=scale, pad=pad, borders=borders)
-    cell = (cfg.model.image_size * scale + 2 * pad, cfg.model.image_size * scale + 2 * pad)
+    px = images.shape[-1]  # pixels per side (a latent model's images come back decoded)
+    cell = (px * scale + 2 * pad, px * scale + 2 * pad)
     save_png(add_labels(grid, grid_spec.row_labels, grid_spec.col_labels, cell), out / "grid.png")
     result: dict[str, Any] = {"prompts": len(grid_spec.prompts), "sample_wall_s": round(wall, 1),
                               "sampler": f"{sampling['sampler']} {sampling['steps']} steps, CFG {sampling['cfg_scale']}"}
@@ -77,19 +79,20 @@ def caption_real(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path, 
     """Caption real test images of the dataset; for colour fashion, report how many name item and colour."""
     from transfusion.decoding import caption_images
 
-    ex = get_dataset(cfg.data).examples("test", n, seed=0, image_size=cfg.model.image_size)
+    codec = image_codec(cfg)
+    ex = get_dataset(cfg.data).examples("test", n, seed=0, image_size=codec.pixel_size)
     if ex is None:
         return {"examples": []}
     with torch.no_grad():
-        captions = caption_images(model, tokenizer, ex.images)
+        captions = caption_images(model, tokenizer, ex.images, codec=codec)
     save_png(make_grid(ex.images, nrow=8, scale=3), out / "captions.png")
     rows = [{"truth": t, "caption": c} for t, c in zip(ex.captions, captions)]
     result: dict[str, Any] = {"examples": rows}
-    if {"items", "colours"} <= set(ex.labels):
+    if {"item", "colour"} <= set(ex.labels):
         from transfusion.evaluate.cider import parse_caption
 
         parsed = [parse_caption(c) for c in captions]
-        both = [p == (int(i), int(c)) for p, i, c in zip(parsed, ex.labels["items"], ex.labels["colours"])]
+        both = [p == (int(i), int(c)) for p, i, c in zip(parsed, ex.labels["item"], ex.labels["colour"])]
         result["item_and_colour_right"] = round(sum(both) / len(both), 3)
     return result
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from transfusion.codec import Codec, clip_for, decode_images, encode_images
 from transfusion.decoding import Decoder, GenerationError, Segment, TokenizerLike, check_fits
 from transfusion.diffusion.flow import FlowSchedule
 from transfusion.diffusion.samplers import build_sampler
@@ -61,15 +62,17 @@ def edit_images(
     model: Transfusion, tokenizer: TokenizerLike, images: Tensor, instructions: list[str],
     schedule: NoiseSchedule | FlowSchedule, steps: int = 250, cfg_scale: float = 3.0, sampler: str = "ddpm",
     generator: torch.Generator | Sequence[torch.Generator | None] | None = None, progress: bool = True,
-    clip_x0: float | None = 1.0,
+    clip_x0: float | None = 1.0, codec: Codec | None = None,
 ) -> Tensor:
-    """Edit images (N, C, H, W) in [-1, 1] by instructions[i] each -> (N, C, H, W). CFG runs the conditional
+    """Edit images (N, C, H, W) in [-1, 1] by instructions[i] each -> (N, C, H, W) (pixels in and out through
+    `codec` when given, codec.py). CFG runs the conditional
     rows and their unconditional twins in one batch; pass `**sampling_args(cfg.diffusion)` for the config's
     settings. `generator` may be a list, one per image: edit i then draws its noise from generator[i] alone, so
     it comes out the same edited alone or in any batch (up to rounding)."""
     c = model.cfg
     if len(images) == 0:
         raise GenerationError("no image to edit")
+    images = encode_images(codec, images)
     if len(images) != len(instructions):
         raise GenerationError(f"{len(images)} images but {len(instructions)} instructions")
     if tuple(images.shape[1:]) != (c.image_channels, c.image_size, c.image_size):
@@ -81,6 +84,6 @@ def edit_images(
     dec = Decoder(model, len(rows), tokenizer.pad_id, max_len=edit_length(max(len(x) for x in ids),
                                                                            c.patches_per_image))
     dec.prefill(rows)
-    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_x0)
+    smp = build_sampler(schedule, steps, sampler, clip_x0=clip_for(codec, clip_x0))
     x = dec.diffuse(smp, cfg_scale, len(images), generator, progress=progress, commit=False)  # (N, n, D)
-    return unpatchify(x, c.patch_size, c.image_channels, c.image_size, c.image_size)
+    return decode_images(codec, unpatchify(x, c.patch_size, c.image_channels, c.image_size, c.image_size))

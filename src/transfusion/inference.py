@@ -2,6 +2,7 @@
 
     m = load("runs/demo")                  # latest checkpoint of a run (training or export format)
     m.model, m.tokenizer, m.config, m.path
+    m.codec                                # pixels <-> the model's images (VAE latents when data.vae is set)
 
 The model is built by model/build.py and its weights read by checkpoint/export.py (never through the trainer:
 no training setting applies, and the caller's global RNG is untouched); then the inference kernel converters of
@@ -18,6 +19,8 @@ import torch
 
 from transfusion.backends import convert_model
 from transfusion.checkpoint.export import load_for_inference, tokenizer_path_for
+from transfusion.autoencoder.codec import image_codec
+from transfusion.codec import Codec
 from transfusion.config import Config, RuntimeConfig
 from transfusion.model.transfusion import Transfusion
 from transfusion.tokenizer import Tokenizer
@@ -30,6 +33,7 @@ class Loaded:
     config: Config
     path: Path  # the checkpoint directory that was read
     converters: list[str]  # the backends applied, e.g. ["cpu_math_attention", "onednn_packed"]
+    codec: Codec  # pixels <-> what the model sees (codec.py): pass it to generate_images / caption_images / ...
 
 
 def load(run_or_ckpt: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
@@ -37,4 +41,4 @@ def load(run_or_ckpt: str | Path, use_ema: bool = True, device: str | torch.devi
     """A run directory (its latest checkpoint) or one step directory -> model, tokenizer, config."""
     model, cfg, path = load_for_inference(run_or_ckpt, use_ema=use_ema, device=device, check=check)
     converters = convert_model(model, runtime or cfg.runtime, inference=True)
-    return Loaded(model, Tokenizer.load(tokenizer_path_for(path, cfg)), cfg, path, converters)
+    return Loaded(model, Tokenizer.load(tokenizer_path_for(path, cfg)), cfg, path, converters, image_codec(cfg))

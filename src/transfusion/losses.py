@@ -13,6 +13,12 @@ A CLEAN image (batch.CLEAN, the input image of an edit, §4.5) is given exactly 
 a conditioning image, and is no diffusion target: it adds nothing to L_DDPM and is not counted among its images.
 `normalizer` lets data-parallel training divide the local sums by *global* counts, which makes N ranks compute
 exactly the loss of one process on the whole batch.
+
+Options of the Chameleon baseline (docs/sweeps.md):
+- z-loss (train.z_loss, Chameleon §2.3 after PaLM): + w * mean over the LM targets of log^2 Z, Z = sum exp(logits)
+  of the LM head at that position; it pulls log Z to 0 so the logits cannot drift. 0 -> not computed at all.
+- `chameleon_loss`: the baseline's objective, next-token cross-entropy over text *and* image-code targets
+  (images are VQ-VAE codes in the vocabulary, chameleon/), no diffusion term.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ class LossOutput:
     loss: Tensor  # scalar to backpropagate
     lm_loss: Tensor  # scalar, mean over text targets (detached)
     diffusion_loss: Tensor  # scalar, mean over images (detached)
+    z_loss: Tensor | None = None  # scalar, mean log^2 Z over the LM targets (detached); None when train.z_loss = 0
+
+
+def z_loss_sum(logits: Tensor) -> Tensor:
+    """Sum over positions of log^2 Z, Z the softmax normaliser: (n, V) logits -> scalar (float32)."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).sum()
 
 
 def noised_patches(batch: MixedBatch, schedule: NoiseSchedule | FlowSchedule,
@@ -67,6 +79,7 @@ def transfusion_loss(
     generator: torch.Generator | None = None,
     normalizer: tuple[float, float] | None = None,  # (global text targets, global images)
     noise_draw: tuple[Tensor, Tensor] | None = None,  # (t per image, noise) instead of drawing from generator
+    z_loss_weight: float = 0.0,  # train.z_loss (module docstring)
 ) -> LossOutput:
     x_t, t, noise, patch_image = noised_patches(batch, schedule, generator, noise_draw)
     logits_mask = batch.lm_targets != IGNORE  # (B, L)
@@ -94,8 +107,34 @@ def transfusion_loss(
     n_tok_norm, n_img_norm = normalizer if normalizer is not None else (targets.numel(), n_diffused)
     lm = lm_sum / max(n_tok_norm, 1)
     diff = diff_sum / max(n_img_norm, 1)
-    return LossOutput(
-        loss=lm_weight * lm + diffusion_weight * diff,
-        lm_loss=lm.detach(),
-        diffusion_loss=diff.detach(),
-    )
+    loss = lm_weight * lm + diffusion_weight * diff
+    z = None
+    if z_loss_weight > 0:  # off: the loss is today's, bit for bit
+        z = z_loss_sum(out.logits) / max(n_tok_norm, 1)
+        loss = loss + z_loss_weight * z
+        z = z.detach()
+    return LossOutput(loss=loss, lm_loss=lm.detach(), diffusion_loss=diff.detach(), z_loss=z)
+
+
+def chameleon_loss(
+    model: torch.nn.Module,
+    batch: MixedBatch,
+    normalizer: tuple[float, float] | None = None,  # (global LM targets, unused)
+    z_loss_weight: float = 0.0,
+) -> LossOutput:
+    """The Chameleon baseline: next-token CE over every target of `batch.lm_targets`, text and image codes alike.
+
+    The batch comes from chameleon/data.py: images are code tokens (image_ids all -1, no patches), and its
+    targets include BOI -> first code (that is how an image is generated; Transfusion's fn. 8 rule exists because
+    there the first patch is a diffusion target, here it is a token) and last code -> EOI."""
+    logits_mask = batch.lm_targets != IGNORE  # (B, L)
+    logits = model(batch.tokens, batch.doc_ids, batch.positions, logits_mask=logits_mask)  # (n_sel, V + K)
+    targets = batch.lm_targets[logits_mask]  # (n_sel,)
+    n_norm = normalizer[0] if normalizer is not None else targets.numel()
+    lm = F.cross_entropy(logits.float(), targets, reduction="sum") / max(n_norm, 1)
+    loss, z = lm, None
+    if z_loss_weight > 0:
+        z = z_loss_sum(logits) / max(n_norm, 1)
+        loss = loss + z_loss_weight * z
+        z = z.detach()
+    return LossOutput(loss=loss, lm_loss=lm.detach(), diffusion_loss=torch.zeros((), device=lm.device), z_loss=z)

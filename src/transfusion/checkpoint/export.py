@@ -42,11 +42,8 @@ def save_export(out_dir: str | Path, step: int, model: nn.Module, cfg: Config,
         layout.seal(tmp, step, FORMAT)
         return layout.publish(tmp, final, keep)
     except (OSError, SafetensorError) as e:  # a full disk: one error line, nothing published is touched
-        layout.discard_temp(tmp)
-        os_err = layout.os_error(e)
-        if os_err is None:
-            raise
-        raise layout.write_failed(os_err, Path(out_dir), final.name, then="run the export again") from e
+        layout.abandon_write(tmp, e, Path(out_dir), final.name, then="run the export again")
+        raise
 
 
 def _plain_from(weights: dict[str, torch.Tensor], cfg: Config) -> nn.Module:

@@ -197,6 +197,16 @@ def write_failed(err: OSError, run_dir: Path, name: str, then: str = "continue w
                                 f"{saved}. Free some space, then {then}")
 
 
+def abandon_write(tmp: Path, err: BaseException, run_dir: Path, name: str, then: str = "continue with --resume"
+                  ) -> None:
+    """After a save into `tmp` failed with `err`: discard the temp directory, then raise the one-line
+    CheckpointWriteError when a write failed (a full disk); return otherwise, for the caller to re-raise."""
+    discard_temp(tmp)
+    os_err = os_error(err)
+    if os_err is not None:
+        raise write_failed(os_err, Path(run_dir), name, then) from err
+
+
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints, and leftovers of killed saves."""
     for p in root.glob(".tmp-*"):  # leftovers of killed saves (the current save was published already)

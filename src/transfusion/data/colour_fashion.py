@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from transfusion.data import fashion
-from transfusion.data.dataset import Dataset, Examples, PromptGrid
+from transfusion.data.dataset import AttributeReader, Dataset, EvalPrompts, Examples, PromptGrid
 from transfusion.data.image_text import ImageTextSet, InterleavedText, SkipStats, numpy_patchify
 from transfusion.images import resize
 from transfusion.log import log
@@ -221,7 +221,46 @@ class ColourFashion(Dataset):
 
     def examples(self, split: str, n: int, seed: int, image_size: int) -> Examples:
         ex = fashion_examples(split, n=n, seed=seed, size=image_size, use_full_dataset=self.data.use_full_dataset)
-        return Examples(ex.images, ex.captions, {"items": ex.items, "colours": ex.colours})
+        return Examples(ex.images, ex.captions, {"item": ex.items, "colour": ex.colours})
+
+    # ---- evaluation hooks: the exact scorers of evaluate/ (imported on use: data never needs evaluate)
+
+    def attributes(self) -> dict[str, list[str]]:
+        return {"item": list(fashion.ITEMS), "colour": list(fashion.COLOUR_NAMES)}
+
+    def eval_prompts(self, n: int, seed: int, heldout_share: float) -> EvalPrompts:
+        """Combinations cycled over all 80, shuffled; `heldout_share` of them from fashion.HELDOUT."""
+        from transfusion.evaluate.alignment import is_heldout
+        from transfusion.evaluate.reference import eval_prompts
+
+        items, colours = eval_prompts(n, seed=seed, heldout_share=heldout_share)
+        return EvalPrompts(prompts=[fashion.caption(int(i), int(c)) for i, c in zip(items, colours)],
+                           labels={"item": items, "colour": colours}, heldout=is_heldout(items, colours))
+
+    def reference_images(self, prompts: EvalPrompts, seed: int, image_size: int) -> Tensor:
+        """Real test items of each prompt's class tinted in its colour (evaluate/reference.real_images)."""
+        from transfusion.evaluate.reference import real_images
+
+        images, labels, _ = load_split("test", self.data.use_full_dataset)
+        return real_images(prompts.labels["item"], prompts.labels["colour"], seed=seed, size=image_size,
+                           source=(images, labels))
+
+    def caption_references(self, labels: dict[str, Tensor]) -> list[list[str]]:
+        return [fashion.all_captions(int(i), int(c)) for i, c in zip(labels["item"], labels["colour"])]
+
+    def parse_caption(self, text: str) -> dict[str, int]:
+        from transfusion.evaluate.cider import parse_caption
+
+        item, colour = parse_caption(text)
+        return {"item": item, "colour": colour}
+
+    def attribute_reader(self, image_size: int, classifier=None) -> AttributeReader:
+        """Item by the project's classifier (`classifier`, else the cached default one), colour by the exact
+        hue rule (evaluate/fashion_reader.py); any image size (both resize to what they need)."""
+        from transfusion.evaluate.fashion_reader import FashionReader
+        from transfusion.evaluate.classifier import get_classifier
+
+        return FashionReader(classifier if classifier is not None else get_classifier())
 
     def describe(self) -> str:
         if self.data.use_full_dataset and fashion.fashion_dir() is not None:

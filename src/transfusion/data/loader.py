@@ -45,7 +45,17 @@ def load_sources(cfg: Config, tokenizer: Tokenizer, split: str) -> DataSources:
     sampler: type[DocumentSampler] = DocumentSampler
     if d.text_ratio < 1:
         dataset = get_dataset(d)
-        images, stats = dataset.image_set(tokenizer, split, m.image_size, m.image_channels)
+        if d.vae:  # the dataset's pixels at the autoencoder's input size, then its cached latents
+            from transfusion.autoencoder.codec import image_codec
+            from transfusion.data.latent_images import latent_image_set
+
+            if dataset.document_sampler is not DocumentSampler:
+                raise ConfigError(f"data.vae: latent images are built for image-caption datasets; the "
+                                  f"{d.dataset!r} dataset makes other documents (edits) and needs pixels")
+            pixels, stats = dataset.image_set(tokenizer, split, image_codec(cfg).pixel_size, 3)
+            images = latent_image_set(cfg, pixels, split)
+        else:
+            images, stats = dataset.image_set(tokenizer, split, m.image_size, m.image_channels)
         sampler = dataset.document_sampler
     corpus = shakespeare_corpus(tokenizer, split) if d.text_ratio > 0 else None
     return DataSources(images, corpus, stats, sampler)

@@ -6,10 +6,13 @@ from transfusion.config import ConfigError, DataConfig
 from transfusion.data.colour_fashion import ColourFashion
 from transfusion.data.dataset import Dataset
 from transfusion.data.edits import EditFolderDataset, RecolourDataset
+from transfusion.data.emoji import EmojiDataset
 from transfusion.data.folder import FolderDataset
+from transfusion.data.shards_dataset import ShardsDataset
 
 DATASETS: dict[str, type[Dataset]] = {
-    cls.name: cls for cls in (ColourFashion, FolderDataset, EditFolderDataset, RecolourDataset)
+    cls.name: cls for cls in (ColourFashion, FolderDataset, EditFolderDataset, RecolourDataset, ShardsDataset,
+                          EmojiDataset)
 }
 
 

@@ -33,10 +33,12 @@ def eval_prompts(n: int, seed: int = 0, heldout_share: float | None = None) -> t
     return items, colours
 
 
-def real_images(items: Tensor, colours: Tensor, seed: int = 0, size: int = 28) -> Tensor:
+def real_images(items: Tensor, colours: Tensor, seed: int = 0, size: int = 28,
+                source: tuple[np.ndarray, np.ndarray] | None = None) -> Tensor:
     """Real test images of items[i] tinted colours[i]: (N, 3, size, size) in [-1, 1], no image used twice
-    until the class runs out (1,000 test images per class)."""
-    images, labels = fashion.load_fashion_mnist("test")
+    until the class runs out (1,000 test images per class). `source` = (gray uint8 (M, 28, 28), items (M,)) to
+    draw from instead of the full Fashion-MNIST test split (e.g. the committed subset's)."""
+    images, labels = source if source is not None else fashion.load_fashion_mnist("test")
     rng = np.random.default_rng(seed)
     pools = {k: rng.permutation(np.flatnonzero(labels == k)) for k in range(len(fashion.ITEMS))}
     used = {k: 0 for k in pools}

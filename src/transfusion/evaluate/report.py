@@ -4,11 +4,16 @@
     score_folder(images_dir, out=...)                                       -> dict, for any generator's images
 
 Beside REPORT.json it writes REPORT_samples/<prompt>.png (the samples of each prompt), REPORT_grid.png and
-REPORT.md. Keys: fid, fd_classifier, diversity{diversity_ratio, precision, recall, ...},
-alignment{item, colour, both, both_seen, both_heldout, ...}, cider,
-caption_accuracy{item, colour, both}, perplexity, ranked_accuracy, n_samples, sampler, steps, cfg, counts of
-every sample set, classifier_test_accuracy and seconds per stage. A metric that cannot be computed is null with
-the reason under `skipped_metrics`.
+REPORT.md. The suite is dataset-driven: the checkpoint's `data.dataset` says what applies (Dataset's evaluation
+hooks, evaluate/eval_set.py). Keys: fid, fd_classifier, diversity{diversity_ratio, precision, recall, ...},
+alignment{<attribute>..., all, all_seen, all_heldout, ...; colour fashion: item, colour, both, both_seen,
+both_heldout}, clip_score (100 x mean cosine of generated image and prompt under the project's image-text
+scorer), clip_retrieval{top1, ...} (the prompt among the dataset's captions), clip_real (the scorer's
+calibration on real test pairs and the same two numbers for the real reference images), cider,
+caption_accuracy{<attribute>..., all}, perplexity, ranked_accuracy, n_samples, sampler, steps, cfg, counts of
+every sample set, classifier_test_accuracy (colour fashion) and seconds per stage. A metric that cannot be
+computed (the dataset has no attributes, no Inception installed, ...) is null with the reason under
+`skipped_metrics`.
 """
 
 from __future__ import annotations
@@ -20,20 +25,23 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from transfusion.data import fashion
+from transfusion.evaluate.summary import markdown_summary
+from transfusion.evaluate.text_to_image import timed
+
+__all__ = ["EvalError", "SUITES", "Suite", "evaluate", "markdown_summary", "score_folder", "write_report"]
 
 
 @dataclass(frozen=True)
 class Suite:
     n_samples: int  # generated images (text -> image)
     n_captions: int  # real test images captioned (image -> text)
-    n_ranked: int  # real test images for ranked classification (80 candidates each)
+    n_ranked: int  # real test images for ranked classification (the dataset's captions, <= 100 candidates)
     ppl_tokens: int | None  # held-out Shakespeare tokens (None = all)
     fid: bool  # Inception FID (~0.3 s per image on 2 cores, real and generated)
-    heldout_share: float = 0.25  # share of prompts from fashion.HELDOUT, so held-out alignment is measured
+    heldout_share: float = 0.25  # share of held-out combinations among the prompts (when the dataset has them)
 
 
 SUITES: dict[str, Suite] = {
@@ -47,16 +55,15 @@ class EvalError(RuntimeError):
 
 
 def _check_model(cfg) -> None:
-    """The suite scores colour-fashion images: the dataset of the checkpoint's config must say it applies."""
+    """Any dataset's checkpoint is scored here, except an edit fine-tune (its own suite) or a non-RGB model."""
     from transfusion.data.registry import get_dataset
 
-    suite = get_dataset(cfg.data).eval_suite
-    if suite == "edit":
+    if get_dataset(cfg.data).eval_suite == "edit":
         raise EvalError(f"this checkpoint was fine-tuned on edits (data.dataset={cfg.data.dataset!r}); "
                         "score it with --suite edit")
-    if suite != "colour_fashion" or cfg.model.image_channels != 3:
+    if cfg.model.image_channels != 3 and not cfg.data.vae:  # latents (data.vae) are decoded to RGB (codec.py)
         raise EvalError(
-            f"the evaluation suite scores RGB colour-fashion images, but this checkpoint was trained on "
+            f"the evaluation suite scores RGB images, but this checkpoint was trained on "
             f"data.dataset={cfg.data.dataset!r} with model.image_channels={cfg.model.image_channels}; "
             "score its samples with --images instead"
         )
@@ -64,111 +71,53 @@ def _check_model(cfg) -> None:
 
 def generate_for_prompts(model, tok, cfg, items: Tensor, colours: Tensor, steps: int, cfg_scale: float,
                          sampler: str, seed: int, batch: int = 16, progress: bool = True) -> Tensor:
-    """Images (N, 3, H, W) in [-1, 1] for the colour-fashion prompts (items[i], colours[i]), `batch` at a time."""
-    from tqdm.auto import tqdm
+    """Images (N, 3, H, W) in [-1, 1] for the colour-fashion prompts (items[i], colours[i]) (benchmarks)."""
+    from transfusion.evaluate.text_to_image import generate_images_for
 
-    from transfusion.diffusion import build_schedule
-    from transfusion.decoding import generate_images
-
-    schedule = build_schedule(cfg.diffusion)
     prompts = [fashion.caption(int(i), int(c)) for i, c in zip(items, colours)]
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for k in tqdm(range(0, len(prompts), batch), desc="generate", disable=not progress):
-        with torch.no_grad():
-            out.append(generate_images(model, tok, prompts[k : k + batch], schedule, steps=steps,
-                                       cfg_scale=cfg_scale, sampler=sampler, generator=gen, progress=False))
-    return torch.cat(out).float().clamp(-1, 1)
-
-
-def save_sample_grids(images: Tensor, items: Tensor, colours: Tensor, out_dir: Path) -> list[str]:
-    """One PNG per prompt (its samples side by side) + an all-samples grid; returns the files written."""
-    from transfusion.metrics import save_image_grid
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, c in sorted({(int(i), int(c)) for i, c in zip(items, colours)}):
-        sel = (items == i) & (colours == c)
-        name = fashion.caption(i, c).replace(" ", "_") + ".png"
-        save_image_grid(images[sel], out_dir / name, nrow=min(8, int(sel.sum())), scale=2)
-        written.append(str(out_dir / name))
-    return written
-
-
-def _timed(timings: dict[str, float], name: str, fn, *args, **kw):
-    start = time.time()
-    result = fn(*args, **kw)
-    timings[name] = round(time.time() - start, 2)
-    return result
-
-
-def _image_metrics(report, timings, images, items, colours, clf, suite: Suite, seed: int, progress: bool) -> None:
-    from transfusion.evaluate import alignment, fid
-    from transfusion.evaluate.diversity import diversity_report
-    from transfusion.evaluate.reference import real_images
-
-    report["alignment"] = _timed(timings, "alignment", lambda: alignment.score_alignment(
-        images, items, colours, clf).summary())
-    real = real_images(items, colours, seed=seed)
-    report["n_real"] = len(real)
-    report["fd_classifier"] = _timed(timings, "fd_classifier", fid.fd_classifier, images, real, clf)
-    if len(images) > 3:  # diversity vs the matched real set (precision/recall need more than k = 3 images)
-        report["diversity"] = _timed(timings, "diversity", diversity_report, clf, images, real, items, colours)
-    report["fid"] = None
-    if suite.fid:
-        try:
-            report["fid"] = _timed(timings, "fid", fid.fid, images, real, progress=progress)
-        except fid.InceptionMissing as e:
-            report["skipped_metrics"]["fid"] = str(e)
-
-
-def _text_metrics(report, timings, model, tok, cfg, suite: Suite, seed: int, progress: bool) -> None:
-    from transfusion.evaluate.cider import score_captions
-    from transfusion.evaluate.perplexity import heldout_perplexity
-    from transfusion.evaluate.ranked import ranked_accuracy
-    from transfusion.evaluate.reference import eval_prompts, real_images
-    from transfusion.decoding import caption_images
-
-    size = cfg.model.image_size
-    items, colours = eval_prompts(suite.n_captions, seed=seed + 1)
-    real = real_images(items, colours, seed=seed + 1, size=size)
-    captions = _timed(timings, "captions", lambda: [
-        c for k in range(0, len(real), 32) for c in caption_images(model, tok, real[k : k + 32])])
-    scores = score_captions(captions, items.tolist(), colours.tolist())
-    report.update(cider=scores.cider, n_captions=scores.n,
-                  caption_accuracy={"item": scores.item, "colour": scores.colour, "both": scores.both},
-                  caption_examples=[{"truth": fashion.caption(int(i), int(c)), "caption": t}
-                                    for i, c, t in list(zip(items, colours, captions))[:8]])
-    items, colours = eval_prompts(suite.n_ranked, seed=seed + 2)
-    real = real_images(items, colours, seed=seed + 2, size=size)
-    ranked = _timed(timings, "ranked", ranked_accuracy, model, tok, real, items, colours, progress=progress)
-    report.update(ranked_accuracy=ranked.accuracy, ranked=asdict(ranked))
-    try:
-        ppl = _timed(timings, "perplexity", heldout_perplexity, model, tok, max_tokens=suite.ppl_tokens,
-                     progress=progress)
-        report.update(perplexity=ppl.perplexity, perplexity_detail=asdict(ppl))
-    except FileNotFoundError as e:  # the Shakespeare corpus is not installed
-        report["perplexity"] = None
-        report["skipped_metrics"]["perplexity"] = str(e)
+    return generate_images_for(model, tok, cfg, prompts, steps, cfg_scale, sampler, seed, batch, progress)
 
 
 def load_model(ckpt_dir: str | Path, use_ema: bool = True):
-    """(model, config, tokenizer, checkpoint path) via transfusion.inference.load."""
+    """transfusion.inference.load's Loaded (model, config, tokenizer, path, codec), checked for the suite."""
     from transfusion.inference import load
 
     m = load(ckpt_dir, use_ema=use_ema)
     _check_model(m.config)
-    return m.model, m.config, m.tokenizer, m.path
+    return m
+
+
+def _scorers(ds, size: int, classifier, clip_config, timings: dict, skipped: dict, progress: bool):
+    """(attribute reader or None, image-text scorer or None); a missing one leaves its reason in `skipped`."""
+    from transfusion.evaluate.clip import get_scorer
+
+    reader = None
+    if ds.attributes():
+        kw = {"classifier": classifier} if classifier is not None else {}
+        reader = timed(timings, "classifier", ds.attribute_reader, size, **kw)
+    scorer = None
+    try:
+        kw = {"cfg": clip_config} if clip_config is not None else {}
+        scorer = timed(timings, "clip_scorer", get_scorer, ds, size, progress=progress, **kw)
+    except Exception as e:  # a dataset whose training split cannot be read cannot have a scorer
+        for key in ("clip_score", "clip_retrieval", "clip_real"):
+            skipped[key] = f"no image-text scorer for the {ds.name} dataset: {type(e).__name__}: {e}"
+    return reader, scorer
 
 
 def evaluate(
     ckpt_dir: str | Path, suite: str = "fast", n: int | None = None, out: str | Path = "eval/report.json",
     steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None, seed: int = 0,
-    use_ema: bool = True, with_fid: bool | None = None, classifier=None, progress: bool = True,
+    use_ema: bool = True, with_fid: bool | None = None, classifier=None, clip_config=None, progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole suite on a checkpoint; write the JSON report, grids and markdown; return the report."""
-    from transfusion.evaluate.classifier import get_classifier
-    from transfusion.evaluate.reference import eval_prompts
+    """Run the whole suite on a checkpoint, asking its dataset (cfg.data) what applies; write the JSON report,
+    grids and markdown; return the report. `classifier`: an item classifier for colour fashion's reader
+    instead of the cached full one, `clip_config`: the image-text scorer's (evaluate/clip.ClipConfig) (tests)."""
+    from transfusion.data.registry import get_dataset
+    from transfusion.decoding import sampling_args
+    from transfusion.evaluate import image_to_text as i2t
+    from transfusion.evaluate import text_to_image as t2i
+    from transfusion.evaluate.eval_set import EvalSplit, build_eval_set
 
     if suite not in SUITES:
         raise EvalError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
@@ -178,24 +127,41 @@ def evaluate(
     if with_fid is not None:
         spec = replace(spec, fid=with_fid)
     start, timings = time.time(), {}
-    model, cfg, tok, path = load_model(ckpt_dir, use_ema)
-    clf = classifier or _timed(timings, "classifier", get_classifier, progress=progress)
-    from transfusion.decoding import sampling_args
-
+    m = load_model(ckpt_dir, use_ema)
+    model, cfg, tok, path, codec = m.model, m.config, m.tokenizer, m.path, m.codec
+    ds, size = get_dataset(cfg.data), codec.pixel_size  # scored as pixels (a latent model's are decoded)
     sampling = sampling_args(cfg.diffusion, steps, cfg_scale, sampler)
-    steps, cfg_scale, sampler = sampling["steps"], sampling["cfg_scale"], sampling["sampler"]
     report: dict[str, Any] = {
-        "checkpoint": str(path), "suite": suite, "n_samples": spec.n_samples, "sampler": sampler,
-        "steps": steps, "cfg": cfg_scale, "seed": seed, "ema": use_ema,
-        "classifier_test_accuracy": clf.test_accuracy, "skipped_metrics": {},
+        "checkpoint": str(path), "dataset": ds.name, "suite": suite, "n_samples": spec.n_samples,
+        "sampler": sampling["sampler"], "steps": sampling["steps"], "cfg": sampling["cfg_scale"], "seed": seed,
+        "ema": use_ema, "clip_score": None, "clip_real": None, "skipped_metrics": {},
     }
-    items, colours = eval_prompts(spec.n_samples, seed=seed, heldout_share=spec.heldout_share)
-    images = _timed(timings, "generate", generate_for_prompts, model, tok, cfg, items, colours, steps, cfg_scale,
-                    sampler, seed, progress=progress)
-    _image_metrics(report, timings, images, items, colours, clf, spec, seed, progress)
-    _text_metrics(report, timings, model, tok, cfg, spec, seed, progress)
+    skipped = report["skipped_metrics"]
+    reader, scorer = _scorers(ds, size, classifier, clip_config, timings, skipped, progress)
+    if reader is not None and hasattr(reader, "calibration"):
+        report.update(reader.calibration())
+    if scorer is not None and scorer.calibration is not None:
+        report["clip_real"] = {**asdict(scorer.calibration), "train_seconds": scorer.train_seconds, **scorer.meta}
+    split = EvalSplit(ds, tok, size)
+    try:
+        pool = split.caption_pool()
+    except Exception as e:  # e.g. a shard directory without a test split
+        raise EvalError(f"cannot read the test split of data.dataset={ds.name!r}: {type(e).__name__}: {e}") from e
+    es = build_eval_set(ds, split, spec.n_samples, seed, spec.heldout_share)
+    images = timed(timings, "generate", t2i.generate_images_for, model, tok, cfg, es.prompts, sampling["steps"],
+                   sampling["cfg_scale"], sampling["sampler"], seed, progress=progress, codec=codec)
+    ctx = {"report": report, "timings": timings}
+    t2i.alignment_metrics(**ctx, images=images, es=es, reader=reader, ds_name=ds.name)
+    t2i.distribution_metrics(**ctx, images=images, es=es, reader=reader, scorer=scorer, with_fid=spec.fid,
+                             progress=progress)
+    t2i.clip_metrics(**ctx, images=images, es=es, scorer=scorer, pool=pool, seed=seed)
+    i2t.caption_metrics(**ctx, model=model, tok=tok, es=build_eval_set(ds, split, spec.n_captions, seed + 1, 0.0),
+                        ds=ds, caption=i2t.captioner(model, tok, cfg, codec))
+    i2t.ranked_metrics(**ctx, model=model, tok=tok, es=build_eval_set(ds, split, spec.n_ranked, seed + 2, 0.0),
+                       ds=ds, pool=pool, seed=seed, progress=progress, codec=codec, cfg=cfg)
+    i2t.perplexity_metrics(**ctx, model=model, tok=tok, max_tokens=spec.ppl_tokens, progress=progress)
     out = Path(out)
-    report["grids"] = save_sample_grids(images, items, colours, out.with_name(out.stem + "_samples"))
+    report["grids"] = t2i.save_sample_grids(images, es.prompts, out.with_name(out.stem + "_samples"))
     _save_overview(images, out.with_name(out.stem + "_grid.png"))
     report["seconds"] = {**timings, "total": round(time.time() - start, 1)}
     write_report(report, out)
@@ -206,46 +172,6 @@ def _save_overview(images: Tensor, path: Path) -> None:
     from transfusion.metrics import save_image_grid
 
     save_image_grid(images[:64], path, nrow=8, scale=2)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def markdown_summary(report: dict[str, Any]) -> str:
-    a = report.get("alignment") or {}
-    cap = report.get("caption_accuracy") or {}
-    div = report.get("diversity") or {}
-    lines = [
-        f"# Evaluation: {report.get('checkpoint', report.get('folder', '?'))}",
-        "",
-        f"suite `{report.get('suite', 'folder')}`, {report.get('n_samples')} samples, sampler "
-        f"{report.get('sampler', '-')}, {report.get('steps', '-')} steps, CFG {report.get('cfg', '-')}; "
-        f"item classifier test accuracy {_fmt(report.get('classifier_test_accuracy'))}",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| FID (Inception, {report.get('n_samples')} vs {report.get('n_real', '-')} real) | {_fmt(report.get('fid'))} |",
-        f"| FD classifier features | {_fmt(report.get('fd_classifier'))} |",
-        f"| diversity vs real (spread ratio) / precision / recall | {_fmt(div.get('diversity_ratio'))} / "
-        f"{_fmt(div.get('precision'))} / {_fmt(div.get('recall'))} |",
-        f"| alignment item / colour / both | {_fmt(a.get('item'))} / {_fmt(a.get('colour'))} / {_fmt(a.get('both'))} |",
-        f"| both, seen / held-out combos ({a.get('n_heldout', 0)} held-out) | {_fmt(a.get('both_seen'))} / "
-        f"{_fmt(a.get('both_heldout'))} |",
-        f"| CIDEr-D ({report.get('n_captions', 0)} captions) | {_fmt(report.get('cider'))} |",
-        f"| caption item / colour / both | {_fmt(cap.get('item'))} / {_fmt(cap.get('colour'))} / {_fmt(cap.get('both'))} |",
-        f"| ranked classification (1 of 80) | {_fmt(report.get('ranked_accuracy'))} |",
-        f"| held-out Shakespeare perplexity | {_fmt(report.get('perplexity'))} |",
-    ]
-    if report.get("skipped"):
-        lines += ["", f"skipped inputs: {report['skipped']}"]
-    if report.get("skipped_metrics"):
-        lines += ["", *[f"- {k} not computed: {v}" for k, v in report["skipped_metrics"].items()]]
-    if report.get("seconds"):
-        lines += ["", "seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
-    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> None:

@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.config import ModelConfig
+from transfusion.config import Family, ModelConfig
+from transfusion.model.chameleon import Chameleon
 from transfusion.model.transfusion import Transfusion
 
+Model = Transfusion | Chameleon  # model.family picks the class; both share blocks, init rule and cache
 
-def init_model(model: Transfusion, seed: int) -> Transfusion:
+
+def model_class(cfg: ModelConfig) -> type[Model]:
+    return Chameleon if cfg.family == Family.CHAMELEON else Transfusion
+
+
+def init_model(model: Model, seed: int) -> Model:
     """Fill every parameter and buffer of `model` (already on its device) from `seed`; global RNG untouched."""
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
@@ -28,10 +35,10 @@ def init_model(model: Transfusion, seed: int) -> Transfusion:
     return model
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transfusion:
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Model:
     """An initialised model on `device` (weights from `seed`), or an uninitialised skeleton for "meta"."""
     with torch.device("meta"):
-        model = Transfusion(cfg)
+        model = model_class(cfg)(cfg)
     if torch.device(device).type == "meta":
         return model
     model.to_empty(device=device)

@@ -55,6 +55,26 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class HeadNorm(nn.Module):
+    """Chameleon's QK-norm: LayerNorm over each head's hd values, with a separate affine per head.
+
+    Normalising q and k bounds the attention logits q.k / sqrt(hd), which is what kept Chameleon's mixed-modal
+    training from diverging (its §2.3: image and text tokens pull the norms apart)."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim))  # broadcasts over (B, H, L, hd)
+        self.bias = nn.Parameter(torch.zeros(n_heads, 1, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, L, hd) -> (B, H, L, hd)
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * self.weight + self.bias
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE tables for positions [0, max_len), rotating half-split pairs (x[i], x[i + hd/2]).
 
@@ -108,6 +128,9 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.layer_id = cfg.n_heads, cfg.head_dim, layer_id
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # fused q, k, v
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # model.qk_norm (off: no module, so the state dict and the numbers are today's)
+        self.q_norm = HeadNorm(cfg.n_heads, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg.n_heads, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask, cache: KVCache | None = None) -> Tensor:
         return self.wo(self.heads(x, rope, mask, cache))  # (B, L, D)
@@ -117,6 +140,8 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, L, hd), views into qkv
+        if self.q_norm is not None:  # before RoPE, as Chameleon: the rotation keeps the normalised length
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None and not qkv.requires_grad and cache.k.dtype == k.dtype:
             # decoding: RoPE writes q contiguous (no copy before the score matmul) and k straight into its
             # cache slots (no copy into the cache): ~1-2% of a 30-step sample
@@ -156,15 +181,23 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.post_norm = cfg.post_norm
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        if self.post_norm:  # Chameleon's reordering: each branch's output is normalised before it is added, so
+            # no branch can grow the residual stream without bound (same two norms, other place)
+            x = x + self.attn_norm(self.attn(x, rope, mask, cache))
+            return x + self.ffn_norm(self.ffn(x))
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)  # (B, L, D)
         return x + self.ffn(self.ffn_norm(x))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
         self.attn_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
+        if self.attn.q_norm is not None:
+            self.attn.q_norm.reset_parameters()
+            self.attn.k_norm.reset_parameters()
         nn.init.trunc_normal_(self.attn.wqkv.weight, std=std, a=-3 * std, b=3 * std)
         nn.init.trunc_normal_(self.ffn.w13.weight, std=std, a=-3 * std, b=3 * std)
         # residual-branch outputs scaled by depth so the residual stream's variance stays O(1) at init

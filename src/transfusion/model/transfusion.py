@@ -14,14 +14,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
-from transfusion.config import AttentionImpl, AttentionMask, ModelConfig
+from transfusion.config import AttentionMask, ModelConfig
+from transfusion.model.decoder import DecoderLM
 from transfusion.model.kv_cache import KVCache
-from transfusion.model.masks import dense_mask, flex_block_mask
 from transfusion.model.patch import build_patch_encoder
-from transfusion.model.transformer import Block, RMSNorm, RotaryEmbedding, residual_out_std
 
 
 class ModelOutput(NamedTuple):
@@ -31,37 +29,14 @@ class ModelOutput(NamedTuple):
     diffusion: Tensor  # (P, D) at the image positions, reading order: predicted eps, or v (diffusion.prediction)
 
 
-class Transfusion(nn.Module):
+class Transfusion(DecoderLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.patch = build_patch_encoder(cfg)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
+        super().__init__(cfg, cfg.vocab_size, image_layers=build_patch_encoder(cfg))
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter and buffer: the model may be built on the meta device, then `to_empty`."""
-        std = self.cfg.init_std
-        nn.init.normal_(self.tok_emb.weight, std=std)
-        self.rope.reset_parameters()
-        out_std = residual_out_std(std, self.cfg.n_layers)
-        for block in self.layers:
-            block.init_weights(std, out_std)
-        self.norm.reset_parameters()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
-        self.patch.init_weights(std)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        super().init_weights()
+        self.patch.init_weights(self.cfg.init_std)
 
     def forward(
         self,
@@ -94,18 +69,4 @@ class Transfusion(nn.Module):
         return ModelOutput(logits=self.lm_head(text_h), diffusion=pred)
 
     def _mask(self, image_ids: Tensor, doc_ids: Tensor, cache: KVCache | None):
-        bidirectional = self.cfg.attention_mask == AttentionMask.TRANSFUSION
-        if cache is not None:
-            start = cache.length
-            all_img, all_doc = cache.begin(image_ids, doc_ids)
-            return dense_mask(all_img, all_doc, q_start=start, bidirectional=bidirectional)
-        if self.cfg.attention_impl == AttentionImpl.FLEX:
-            return flex_block_mask(image_ids, doc_ids, bidirectional)
-        return dense_mask(image_ids, doc_ids, bidirectional=bidirectional)
-
-    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(
-            self.cfg.n_layers, batch, self.cfg.n_heads, self.cfg.head_dim, max_len or self.cfg.max_seq_len,
-            device=p.device, dtype=dtype or p.dtype,
-        )
+        return self.attention_mask(image_ids, doc_ids, cache, self.cfg.attention_mask == AttentionMask.TRANSFUSION)

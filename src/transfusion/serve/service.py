@@ -86,7 +86,8 @@ class ModelService:
 
     def info(self) -> dict[str, Any]:
         c, d = self.m.config.model, self.m.config.diffusion
-        return {"checkpoint": str(self.m.path), "image_size": c.image_size, "channels": c.image_channels,
+        return {"checkpoint": str(self.m.path), "image_size": self.m.codec.pixel_size, "channels": 3,
+                "latents": bool(self.m.config.data.vae),
                 "context": c.max_seq_len, "objective": d.objective.value, "prediction": d.prediction.value,
                 "sample_steps": d.sample_steps, "cfg_scale": d.cfg_scale, "sampler": d.sampler.value,
                 # /api/edit works on any checkpoint, but only a model fine-tuned on edits (docs/editing.md) edits
@@ -130,7 +131,8 @@ class ModelService:
                                  413)
         c = self.m.config.model
         try:
-            return read_image(io.BytesIO(data), c.image_size, c.image_channels)  # centre crop + resize, as training
+            # centre crop + resize, as training; pixels at the codec's input size (the VAE's, for latent models)
+            return read_image(io.BytesIO(data), self.m.codec.pixel_size, 3 if self.m.config.data.vae else c.image_channels)
         except ImageReadError as e:
             raise InvalidRequest(f"the image cannot be decoded: {e}", 415) from e
 
@@ -148,14 +150,14 @@ class ModelService:
         gen = torch.Generator().manual_seed(int(req.seed))
         with torch.no_grad():
             img = generate_images(self.m.model, self.m.tokenizer, [req.prompt], self.schedule, generator=gen,
-                                  progress=progress, **sampling)[0]
+                                  progress=progress, codec=self.m.codec, **sampling)[0]
         return png_bytes(img, self.scale)
 
     def run_caption(self, image: torch.Tensor) -> str:
         from transfusion.decoding import caption_images
 
         with torch.no_grad():
-            return caption_images(self.m.model, self.m.tokenizer, image[None])[0]
+            return caption_images(self.m.model, self.m.tokenizer, image[None], codec=self.m.codec)[0]
 
     def check_edit(self, instruction: str) -> dict[str, Any]:
         n = self.m.config.model.patches_per_image
@@ -168,7 +170,8 @@ class ModelService:
 
         with torch.no_grad():
             out = edit_images(self.m.model, self.m.tokenizer, image[None], [instruction], self.schedule,
-                              generator=torch.Generator().manual_seed(int(seed)), progress=progress, **sampling)
+                              generator=torch.Generator().manual_seed(int(seed)), progress=progress,
+                              codec=self.m.codec, **sampling)
         return png_bytes(out[0], self.scale)
 
     def check_generate(self, prompt: str, max_new_tokens: int | None) -> int:
@@ -185,6 +188,6 @@ class ModelService:
         with torch.no_grad():
             parts = generate(self.m.model, self.m.tokenizer, prompt, self.schedule, max_new_tokens=max_new_tokens,
                              generator=torch.Generator().manual_seed(int(seed)), progress=progress,
-                             **self._sampling(None, None))
+                             codec=self.m.codec, **self._sampling(None, None))
         return [{"type": "image", "png": base64.b64encode(png_bytes(p, self.scale)).decode()}
                 if isinstance(p, torch.Tensor) else {"type": "text", "text": str(p)} for p in parts]

@@ -34,10 +34,12 @@ from transfusion.config import Config, ConfigError
 from transfusion.data.loader import build_loader
 from transfusion.data.registry import get_dataset
 from transfusion.diffusion import build_schedule
+from transfusion.autoencoder.codec import image_codec
 from transfusion.decoding import generate_images, sampling_args
 from transfusion.log import log
 from transfusion.metrics import plot_loss_curve, save_image_grid
 from transfusion.model.build import build_model
+from transfusion.model.flops import StepFlops
 from transfusion.parallel import process_group as pg
 from transfusion.parallel.parallelize import materialize, parallelize
 from transfusion.parallel.process_group import DistInfo
@@ -86,6 +88,7 @@ class TrainState:
     train_s: float = 0.0  # wall seconds in optimiser steps (data, forward, backward, update, EMA; not saves
     # or sample grids), summed over resumes: the x axis of time-to-quality curves
     init_from: str = ""  # the checkpoint a fine-tune's weights started from (train.init_from, resolved)
+    flops: float = 0.0  # training FLOPs so far (model/flops.StepFlops), summed over resumes: the x axis of sweeps
 
 
 # ------------------------------------------------------------------------------------------ construction
@@ -177,8 +180,15 @@ def write_samples(model: nn.Module, ema: EMA | None, tokenizer: Any, cfg: Config
     was_training = model.training
     with ctx:
         model.eval()
-        images = generate_images(model, tokenizer, prompts, schedule, generator=g, progress=False,
-                                 **sampling_args(cfg.diffusion))
+        if cfg.model.family == config_mod.Family.CHAMELEON:  # codes sampled one by one, decoded by the VQ-VAE
+            from transfusion.chameleon.decoding import generate_images as chameleon_images
+            from transfusion.chameleon.vq import load_vq
+
+            images = chameleon_images(model, tokenizer, load_vq(cfg, g.device), prompts,
+                                      cfg_scale=cfg.diffusion.cfg_scale, generator=g)
+        else:
+            images = generate_images(model, tokenizer, prompts, schedule, generator=g, progress=False,
+                                     codec=image_codec(cfg), **sampling_args(cfg.diffusion))
     model.train(was_training)
     if path is not None:
         save_image_grid(images.float().cpu(), path, nrow=min(8, len(prompts)))
@@ -247,17 +257,41 @@ def build_training_model(cfg: Config, info: DistInfo, mesh: Any | None) -> nn.Mo
     return model
 
 
+def _record_vae(cfg: Config, resume_from: Path | None) -> None:
+    """Latent images (data.vae): the autoencoder's fingerprint goes into the run's config, so the model is never
+    decoded, resumed or evaluated with another VAE's latents (codec.py checks it on every load)."""
+    from transfusion.autoencoder.codec import image_codec
+
+    fingerprint = image_codec(cfg).fingerprint
+    saved = layout.read_config(resume_from).data.vae_fingerprint if resume_from is not None else ""
+    if saved and saved != fingerprint:
+        raise ConfigError(f"{resume_from} was trained on the latents of another autoencoder (fingerprint "
+                          f"{saved[:12]}); data.vae={cfg.data.vae!r} is {fingerprint[:12]}")
+    cfg.data.vae_fingerprint = fingerprint
+
+
 def setup_run(cfg: Config, out: Path, resume: bool, info: DistInfo) -> Run:
     """Tokenizer, model, optimiser, EMA, loader — restored from the latest checkpoint on resume."""
     resume_from = _prepare_out(out, resume, info)
     tokenizer = Tokenizer.load(cfg.data.tokenizer or None)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+    if cfg.data.vae:
+        _record_vae(cfg, resume_from)
     model = build_training_model(cfg, info, pg.build_mesh(info, cfg.train.hsdp_replicate))
     model.train()
     optimizer = build_optimizer(model, cfg.train)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
-    loader = build_loader(cfg, tokenizer, "train", rank=info.rank, world_size=info.world_size)
+    if cfg.model.family == config_mod.Family.CHAMELEON:  # images as VQ-VAE codes (chameleon/data.py)
+        from transfusion.chameleon.data import build_chameleon_loader
+
+        loader = build_chameleon_loader(cfg, tokenizer, "train", rank=info.rank, world_size=info.world_size)
+    elif cfg.data.dataset == "shards":  # streamed, never loaded whole (data/shards_loader.py, docs/data.md)
+        from transfusion.data.shards_loader import ShardLoader
+
+        loader = ShardLoader(cfg, tokenizer, "train", rank=info.rank, world_size=info.world_size)
+    else:
+        loader = build_loader(cfg, tokenizer, "train", rank=info.rank, world_size=info.world_size)
     run = Run(cfg, out, info, model, optimizer, ema, loader, build_schedule(cfg.diffusion),
               tokenizer, TrainState())
     if resume_from is not None:
@@ -295,6 +329,7 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
     rows = tc.batch_size // info.world_size  # this rank's rows: global rows [rank*rows, (rank+1)*rows)
     t_start = t_window = time.perf_counter()
     tok_window, stats = 0, None
+    step_flops = StepFlops(cfg.model)
     with StopAtStepBoundary() as stop:
         while state.step < tc.steps:
             t_step = time.perf_counter()
@@ -307,6 +342,7 @@ def _loop(run: Run, progress: bool) -> dict[str, Any]:
                 run.ema.update(run.model, step=state.step)  # the step just taken: the decay warms up with it
             state.step += 1
             state.tokens_seen += stats.tokens
+            state.flops += step_flops(stats.tokens, cfg.data.seq_len, stats.n_targets, stats.n_encoded)
             state.train_s += time.perf_counter() - t_step
             tok_window += stats.tokens
             _count_bad(state, stats, tc.max_bad_steps, info.is_main)
@@ -338,7 +374,8 @@ def _log_record(state: TrainState, stats: StepResult, lr: float, tok_s: float) -
         "step": state.step, "loss": stats.loss, "lm_loss": stats.lm_loss, "diffusion_loss": stats.diffusion_loss,
         "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tok_s, 1), "n_images": stats.n_images,
         "skipped": stats.skipped, "skipped_steps": state.skipped_steps, "tokens_seen": state.tokens_seen,
-        "train_s": round(state.train_s, 2),
+        "train_s": round(state.train_s, 2), "flops": state.flops,
+        **({"z_loss": stats.z_loss} if stats.z_loss is not None else {}),
     }
 
 

@@ -31,8 +31,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from transfusion.batch import IGNORE, MixedBatch
-from transfusion.config import Config
-from transfusion.losses import transfusion_loss
+from transfusion.config import Config, Family
+from transfusion.losses import chameleon_loss, transfusion_loss
 from transfusion.parallel.process_group import DistInfo, all_reduce_sum
 
 
@@ -125,6 +125,9 @@ class StepResult:
     skipped: bool
     tokens: int  # global tokens this step
     n_images: int  # global images this step
+    z_loss: float | None = None  # global mean log^2 Z over the LM targets when train.z_loss > 0
+    n_targets: int = 0  # global LM targets (logits computed): the FLOP count's LM-head term
+    n_encoded: int = 0  # global images through the patch encoder (conditioning ones too): its FLOP term
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[MixedBatch], schedule: Any,
@@ -136,27 +139,41 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     tc = cfg.train
     local_text = sum(int((mb.lm_targets != IGNORE).sum()) for mb in micro_batches)
     local_img = sum(int(mb.diffused.sum()) for mb in micro_batches)  # CLEAN conditioning images are no target
-    n_text, n_img = all_reduce_sum([local_text, local_img], info.device)
+    local_enc = sum(mb.num_images for mb in micro_batches)
+    n_text, n_img, n_enc = all_reduce_sum([local_text, local_img, local_enc], info.device)
     rows = micro_batches[0].tokens.shape[0]
-    lm_part = diff_part = 0.0
+    chameleon = cfg.model.family == Family.CHAMELEON
+    lm_part = diff_part = z_part = 0.0
     for i, mb in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
-        draw = noise_for_rows(mb, schedule, tc.seed, step, first_row + i * rows)
+        # Chameleon: images are tokens, one next-token loss and no noise to draw
+        draw = None if chameleon else noise_for_rows(mb, schedule, tc.seed, step, first_row + i * rows)
         with _autocast(info.device, tc.bf16):
-            out = transfusion_loss(model, mb, schedule, lm_weight=tc.lm_weight, diffusion_weight=tc.diffusion_weight,
-                                   normalizer=(n_text, n_img), noise_draw=draw)
+            if chameleon:
+                out = chameleon_loss(model, mb, normalizer=(n_text, 0), z_loss_weight=tc.z_loss)
+            else:
+                out = transfusion_loss(model, mb, schedule, lm_weight=tc.lm_weight,
+                                       diffusion_weight=tc.diffusion_weight, normalizer=(n_text, n_img),
+                                       noise_draw=draw, z_loss_weight=tc.z_loss)
         out.loss.backward()
         lm_part += float(out.lm_loss)
         diff_part += float(out.diffusion_loss)
-    lm, diff = all_reduce_sum([lm_part, diff_part], info.device)
-    loss = tc.lm_weight * lm + tc.diffusion_weight * diff
+        z_part += float(out.z_loss) if out.z_loss is not None else 0.0
+    lm, diff, z = all_reduce_sum([lm_part, diff_part, z_part], info.device)
+    if chameleon:
+        loss = lm
+    else:
+        loss = tc.lm_weight * lm + tc.diffusion_weight * diff
+    if tc.z_loss > 0:
+        loss += tc.z_loss * z
     grad_norm = clip_grad_norm(model, tc.grad_clip)
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(mb.tokens.numel() for mb in micro_batches) * info.world_size  # every rank has as many rows
-    return StepResult(loss, lm, diff, grad_norm, skipped, tokens, int(n_img))
+    return StepResult(loss, lm, diff, grad_norm, skipped, tokens, int(n_img), z if tc.z_loss > 0 else None,
+                      int(n_text), int(n_enc))
 
 
 def _autocast(device: torch.device, enabled: bool):

@@ -186,7 +186,8 @@ def install(model: nn.Module, pack: bool = True, rows_hint: int = 512) -> bool:
         return True
     if not (available() and linears and all(_eligible(m.weight) for m in linears)):
         return False
-    blocks = [b for b in model.modules() if isinstance(b, Block)] if pack else []
+    # the fused forward is the pre-norm block's; a post-norm block (model.post_norm) keeps its own
+    blocks = [b for b in model.modules() if isinstance(b, Block) and not b.post_norm] if pack else []
     in_fused = {id(m) for b in blocks for m in (b.attn.wo, b.ffn.w13, b.ffn.w2)}  # packed by _block_forward
     with torch.no_grad():
         for m in linears:

@@ -37,3 +37,4 @@ def set_threads(threads: int) -> None:
     slower than 1 (12 s vs 2 s per tiny step measured on a shared 2-core box); OMP_WAIT_POLICY=PASSIVE helps."""
     if threads > 0:
         torch.set_num_threads(threads)
+
