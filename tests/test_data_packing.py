@@ -81,3 +81,17 @@ def test_patches_in_reading_order():
     ref = patchify(images.render(np.array([1, 0, 1])), 2).reshape(-1, 12)
     assert torch.equal(batch.patches, ref)
     assert batch.image_ids[1].max() == 2 and batch.patches[:N_PATCH].min() == 1.0
+
+
+def test_caption_dropped_documents_teach_no_eos_but_captions_keep_theirs():
+    """`BOS BOI image EOI EOS` (caption dropout, for CFG) learns no EOS after its image; an image-first document keeps
+    its caption and EOS targets (else greedy captioning learns to write nothing after an image)."""
+    L = 60
+    rows = [[img(0, Layout.UNCONDITIONAL), img(1, Layout.IMAGE_FIRST)]]
+    batch = collate(rows, L, SP.pad, tiny_images(), 2)
+    n0 = len(rows[0][0])
+    tgt = batch.lm_targets[0]
+    assert tgt[0] == SP.boi  # BOS -> BOI: an unconditional document starts an image
+    assert (tgt[1:n0] == IGNORE).all()  # patches, and no EOS after EOI
+    first = tgt[n0:n0 + len(rows[0][1])]
+    assert SP.eos in first.tolist() and 11 in first.tolist() and 12 in first.tolist()

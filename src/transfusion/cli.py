@@ -1,4 +1,5 @@
-"""`transfusion` command line: prepare, train, export, release, sample, caption, edit, generate, eval.
+"""`transfusion` command line: prepare, train, export, release, sample, caption, edit, generate, eval, shard,
+tokenizer.
 
 Errors a user can fix (bad config key, missing data, corrupt checkpoint, diverged run, bad image, a prompt longer
 than the model's context, an out-of-range option) print one `error: ...` line and exit with status 2 — no
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     _add_shard(sub)
+    from transfusion.tokenizer_cli import add_verb as add_tokenizer_verb
+
+    add_tokenizer_verb(sub)  # tokenizer: a BPE on a user's text
     _add_eval(sub)
     _add_sweep(sub)
     from transfusion.autoencoder.cli import add_verbs as add_autoencoder_verbs

@@ -258,6 +258,14 @@ class DataConfig:
     # transfusion.autoencoder), or "fixed:L" — a parameter-free quantiser (chameleon/vq.py: each patch's mean
     # colour in L levels per channel, L**3 codes) for plumbing and tests
     vq: str = ""
+    # the text-only documents: text files and JSONL ({"text": ...} per line), or folders of them, instead of
+    # Shakespeare (data/text_files.py; docs/data.md); [] -> Shakespeare
+    text_files: list[str] = field(default_factory=list)
+    # the last text_heldout of each text file (its lines; a JSONL's documents) is the test split (perplexity)
+    text_heldout: float = 0.05
+    # "folder": share of images held out as the test split by a hash of the image name (as `transfusion shard
+    # --val-fraction`); 0 -> lines marked "split": "test" are the test split, or, with none, both splits are all
+    val_fraction: float = 0.0
 
 
 @dataclass
@@ -373,6 +381,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return False
             raise ConfigError(f"{key}={value!r}: expected true/false")
         return bool(value)
+    if typing.get_origin(tp) is list:  # list[str]: one bare string is a list of one
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}={value!r}: expected a list of strings")
+        return list(value)
     if tp in (int, float, str):
         try:
             return tp(value)
@@ -505,6 +519,8 @@ def dump_toml(cfg: Config) -> str:
                 lines.append(f"{k} = {'true' if v else 'false'}")
             elif isinstance(v, str):
                 lines.append(f"{k} = {_toml_string(v)}")
+            elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+                lines.append(f"{k} = [{', '.join(_toml_string(x) for x in v)}]")
             else:
                 lines.append(f"{k} = {v!r}")
         lines.append("")

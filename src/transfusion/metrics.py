@@ -2,13 +2,24 @@
 
 metrics.jsonl holds one JSON object per logged step. On resume the lines past the checkpoint's step (written by
 the run that was killed) are dropped first, so the file always reads as one uninterrupted run.
+
+A full disk (ENOSPC, or a quota: EDQUOT) while the trainer writes one of these outputs warns once per output and
+training goes on without it (`DiskFullGuard`). Why not stop: these files are for looking at, the run's state is
+in its checkpoints, and a checkpoint write on the same full disk already stops the run with one error line and
+the previous checkpoint intact (checkpoint/layout.py), at the next `train.ckpt_every`; stopping earlier, for a
+log line, would only throw away the steps since the last checkpoint. Each later write is tried again, so the
+outputs resume when space comes back; metrics.jsonl then has a gap, never a torn line (a failed append is cut
+back to where it started).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +28,33 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from transfusion.images import to_uint8
+from transfusion.log import log
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullGuard:
+    """`with guard("metrics.jsonl"): write()`: a full disk during write() is a warning (the first time for that
+    output) and the run goes on; any other error propagates. See the module docstring for why."""
+
+    def __init__(self) -> None:
+        self.failed: set[str] = set()
+
+    @contextlib.contextmanager
+    def __call__(self, output: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            self.warn(output, e)
+
+    def warn(self, output: str, error: OSError) -> None:
+        """The warning, once per output."""
+        if output not in self.failed:
+            self.failed.add(output)
+            log.warning(f"{output} not written: {os.strerror(error.errno or 0)}; training goes on without it "
+                        "(the next checkpoint stops the run if the disk is still full)")
 
 
 class MetricsLogger:
@@ -36,9 +74,20 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
-        clean = {k: _jsonable(v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        """Append one line, whole or not at all: a failed write (a full disk) is cut back before it raises, so
+        a line written once space is back does not glue onto a torn one."""
+        data = memoryview((json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n").encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _jsonable(v: Any) -> Any:
@@ -86,9 +135,12 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, target: str 
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no half PNG behind
 
 
 def make_grid(
@@ -138,8 +190,11 @@ def save_png(image: Image.Image, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no half PNG behind
 
 
 def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 4, **kw: Any) -> None:

@@ -91,8 +91,15 @@ def valid_unicode(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+# the specials plus all 256 byte symbols: below this a byte-level BPE has no room for a single merge
+MIN_VOCAB = len(SPECIAL_TOKENS) + 256
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE on `texts` (deterministic for the same texts in the same order)."""
+    if vocab_size < MIN_VOCAB:  # `tokenizers` would silently return a larger vocabulary than asked
+        raise TokenizerError(f"vocab size {vocab_size} is below {MIN_VOCAB}: the {len(SPECIAL_TOKENS)} special "
+                             "tokens and 256 byte symbols come first")
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()

@@ -22,7 +22,8 @@ from transfusion.data.mixture import DocumentSampler, MixtureSpec
 from transfusion.data.packing import collate, pack_rows
 from transfusion.data.registry import get_dataset
 from transfusion.data.sequences import Specials
-from transfusion.data.text_corpus import TokenCorpus, shakespeare_corpus
+from transfusion.data.text_corpus import TokenCorpus
+from transfusion.data.text_files import text_corpus
 from transfusion.tokenizer import Tokenizer
 
 SPLITS = {"train": 0, "test": 1}
@@ -38,7 +39,7 @@ class DataSources:
 
 
 def load_sources(cfg: Config, tokenizer: Tokenizer, split: str) -> DataSources:
-    """Images (the dataset `data.dataset` names) and text (Shakespeare) of a split, as the config asks."""
+    """Images (the dataset `data.dataset` names) and text (`data.text_files`, else Shakespeare) of a split."""
     d, m = cfg.data, cfg.model
     stats = SkipStats()
     images: ImageTextSet | EditSet | None = None
@@ -57,7 +58,7 @@ def load_sources(cfg: Config, tokenizer: Tokenizer, split: str) -> DataSources:
         else:
             images, stats = dataset.image_set(tokenizer, split, m.image_size, m.image_channels)
         sampler = dataset.document_sampler
-    corpus = shakespeare_corpus(tokenizer, split) if d.text_ratio > 0 else None
+    corpus = text_corpus(d, tokenizer, split) if d.text_ratio > 0 else None
     return DataSources(images, corpus, stats, sampler)
 
 

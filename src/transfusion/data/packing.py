@@ -7,6 +7,8 @@ Rules (so attention, positions and losses never mix documents):
   no text fits);
 - text-only documents may be cut at the row end;
 - what is left at the end of a row is one padding document of PAD tokens that is never an LM target;
+- the EOS of a caption-dropped document (`BOS BOI image EOI EOS`, for CFG) is not an LM target either: the
+  document teaches the unconditional image, and its EOS would teach captioning to write nothing;
 - every image gets its own batch image index (reading order), so its own timestep and its own bidirectional
   attention span, also when a document holds several.
 """
@@ -20,7 +22,7 @@ import torch
 
 from transfusion.batch import MixedBatch, make_lm_targets
 from transfusion.data.image_text import ImageTextSet
-from transfusion.data.sequences import Document
+from transfusion.data.sequences import Document, Layout
 
 
 class DocumentSource(Protocol):
@@ -75,11 +77,17 @@ def collate(rows: list[list[Document]], seq_len: int, pad_id: int, images: Image
     positions = np.zeros((B, L), dtype=np.int64)
     picked: list[int] = []  # (N,) ImageTextSet index of batch image k
     max_t: list[int] = []  # (N,) largest timestep of batch image k
+    no_target = np.zeros((B, L), dtype=bool)  # target tokens that are not learnt (besides PAD)
     for b, row in enumerate(rows):
         at = 0
         for d, doc in enumerate(row):
             n = len(doc)
             tokens[b, at:at + n] = doc.tokens
+            if doc.layout is Layout.UNCONDITIONAL:
+                # `BOS BOI image EOI EOS` exists for the image's unconditional diffusion (CFG); as an LM target
+                # its EOS would teach "nothing follows an image", which greedy captioning then prefers to any
+                # caption whose first token is spread over many words (measured: empty emoji captions)
+                no_target[b, at + n - 1] = True
             doc_ids[b, at:at + n] = d
             positions[b, at:at + n] = np.arange(n)
             n_patch = doc.patches_per_image
@@ -99,7 +107,7 @@ def collate(rows: list[list[Document]], seq_len: int, pad_id: int, images: Image
         patches = images.patches(np.asarray(picked), patch_size)  # (P, D): image k after k-1, raster order
     else:
         patches = torch.zeros(0, channels * patch_size**2)
-    loss_mask = t["tokens"] != pad_id  # PAD is never a target
+    loss_mask = (t["tokens"] != pad_id) & ~torch.from_numpy(no_target)  # PAD is never a target
     return MixedBatch(
         tokens=t["tokens"], image_ids=t["image_ids"], doc_ids=t["doc_ids"], positions=t["positions"],
         lm_targets=make_lm_targets(t["tokens"], t["image_ids"], t["doc_ids"], loss_mask),

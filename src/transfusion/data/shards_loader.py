@@ -32,7 +32,8 @@ from transfusion.data.sequences import Document, Specials, choose_layout, image_
 from transfusion.data.shards_dataset import SHARD_SPLIT
 from transfusion.data.shards_reader import Record, load_index
 from transfusion.data.shards_stream import Key, RankStream, ShardSource
-from transfusion.data.text_corpus import TokenCorpus, shakespeare_corpus
+from transfusion.data.text_corpus import TokenCorpus
+from transfusion.data.text_files import text_corpus
 
 class _Window:
     """The records one batch took from the stream; a document's image index is its position here."""
@@ -107,7 +108,7 @@ class ShardLoader(Loader):
         if d.interleaved_prob > 0:
             raise ConfigError("data.interleaved_prob > 0, but shards have no interleaved-document templates; "
                               "set data.interleaved_prob = 0")
-        corpus = shakespeare_corpus(tokenizer, split) if d.text_ratio > 0 else None
+        corpus = text_corpus(d, tokenizer, split) if d.text_ratio > 0 else None  # data.text_files or Shakespeare
         super().__init__(cfg, tokenizer, DataSources(None, corpus, SkipStats()), split, rank, world_size)
         longest = 4 + cfg.model.patches_per_image + d.max_caption_tokens  # BOS BOI EOI EOS
         if longest > self.seq_len and d.text_ratio < 1:

@@ -83,11 +83,14 @@ def ranked_metrics(report: dict, timings: dict, model, tok, es: EvalSet, ds: Dat
     report.update(ranked_accuracy=ranked["accuracy"], ranked=ranked)
 
 
-def perplexity_metrics(report: dict, timings: dict, model, tok, max_tokens: int | None, progress: bool) -> None:
+def perplexity_metrics(report: dict, timings: dict, model, tok, max_tokens: int | None, progress: bool,
+                       data=None) -> None:
+    """perplexity on the held-out text of the model's text source (`data`: its DataConfig)."""
     from transfusion.evaluate.perplexity import heldout_perplexity
 
     try:
-        ppl = timed(timings, "perplexity", heldout_perplexity, model, tok, max_tokens=max_tokens, progress=progress)
+        ppl = timed(timings, "perplexity", heldout_perplexity, model, tok, max_tokens=max_tokens, progress=progress,
+                    data=data)
         report.update(perplexity=ppl.perplexity, perplexity_detail=asdict(ppl))
     except FileNotFoundError as e:  # the Shakespeare corpus is not installed
         report["perplexity"] = None

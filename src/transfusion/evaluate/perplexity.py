@@ -73,9 +73,11 @@ def perplexity(
 
 
 def heldout_perplexity(model, tokenizer, max_tokens: int | None = None, window: int = 256,
-                       progress: bool = False) -> PerplexityResult:
-    """Perplexity on the held-out plays (first `max_tokens` tokens of them when given)."""
-    from transfusion.data.text_corpus import shakespeare_corpus
+                       progress: bool = False, data=None) -> PerplexityResult:
+    """Perplexity on the held-out text (first `max_tokens` tokens of it when given): the test split of the
+    config's text source `data` (data.text_files, data/text_files.py), the held-out plays without one."""
+    from transfusion.config import DataConfig
+    from transfusion.data.text_files import text_corpus
 
-    corpus = shakespeare_corpus(tokenizer, "test")
+    corpus = text_corpus(data or DataConfig(), tokenizer, "test")
     return perplexity(model, corpus.ids, tokenizer.bos_id, window, max_tokens, progress=progress)

@@ -159,7 +159,8 @@ def evaluate(
                         ds=ds, caption=i2t.captioner(model, tok, cfg, codec))
     i2t.ranked_metrics(**ctx, model=model, tok=tok, es=build_eval_set(ds, split, spec.n_ranked, seed + 2, 0.0),
                        ds=ds, pool=pool, seed=seed, progress=progress, codec=codec, cfg=cfg)
-    i2t.perplexity_metrics(**ctx, model=model, tok=tok, max_tokens=spec.ppl_tokens, progress=progress)
+    i2t.perplexity_metrics(**ctx, model=model, tok=tok, max_tokens=spec.ppl_tokens, progress=progress,
+                           data=cfg.data)
     out = Path(out)
     report["grids"] = t2i.save_sample_grids(images, es.prompts, out.with_name(out.stem + "_samples"))
     _save_overview(images, out.with_name(out.stem + "_grid.png"))

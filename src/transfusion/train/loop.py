@@ -18,7 +18,7 @@ import contextlib
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from transfusion.diffusion import build_schedule
 from transfusion.autoencoder.codec import image_codec
 from transfusion.decoding import generate_images, sampling_args
 from transfusion.log import log
-from transfusion.metrics import plot_loss_curve, save_image_grid
+from transfusion.metrics import DiskFullGuard, plot_loss_curve, save_image_grid
 from transfusion.model.build import build_model
 from transfusion.model.flops import StepFlops
 from transfusion.parallel import process_group as pg
@@ -225,6 +225,7 @@ class Run:
     tokenizer: Any
     state: TrainState
     last_saved: int = -1
+    outputs: DiskFullGuard = field(default_factory=DiskFullGuard)  # PNGs on a full disk: warn, train on
 
     def save(self) -> None:
         _save(self)
@@ -234,10 +235,12 @@ class Run:
         """Collective when sampling (every rank samples); rank 0 writes the files."""
         main = self.info.is_main
         if main:
-            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png", diffusion_target(self.cfg))
+            with self.outputs("loss_curve.png"):
+                plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png", diffusion_target(self.cfg))
         if self.cfg.train.sample_n > 0:
             path = self.out / "samples" / f"step_{self.state.step:08d}.png" if main else None
-            write_samples(self.model, self.ema, self.tokenizer, self.cfg, path)
+            with self.outputs("sample grids (samples/)"):  # only the PNG write can fail so: after the collectives
+                write_samples(self.model, self.ema, self.tokenizer, self.cfg, path)
 
 
 def diffusion_target(cfg: Config) -> str:

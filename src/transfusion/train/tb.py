@@ -10,12 +10,17 @@ grids are picked up from OUT/samples/step_*.png when they appear (a new file, or
 so the sampling code needs no hook. On resume the writer's `purge_step` tells TensorBoard to hide what the
 killed run logged past the checkpoint, as MetricsLogger drops those lines from metrics.jsonl.
 TensorBoard is optional (`pip install -e ".[tb]"`): without the package the run logs one note and goes on.
+A full disk (metrics.py: DiskFullGuard) costs the output being written, never the run: metrics.jsonl skips that
+line; TensorBoard stops for the rest of the run, because its writer thread dies on its first failed write (and
+prints that exception once); the event files written so far stay readable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,7 @@ from PIL import Image
 from transfusion import config as config_mod
 from transfusion.config import Config
 from transfusion.log import log
-from transfusion.metrics import MetricsLogger
+from transfusion.metrics import DISK_FULL, DiskFullGuard, MetricsLogger
 from transfusion.train.mfu import MFU
 
 TB_DIR = "tensorboard"
@@ -56,12 +61,33 @@ class RunLogger:
         self.jsonl = MetricsLogger(out / "metrics.jsonl", resume_step=resume_step)
         self.mfu = MFU(cfg, device, world_size)
         self.samples = out / SAMPLES_DIR
-        self.writer = open_writer(out, resume_step) if cfg.train.tensorboard else None
+        self.guard = DiskFullGuard()
+        self.writer: Any | None = None
+        if cfg.train.tensorboard:
+            with self.guard("TensorBoard events"):
+                self.writer = open_writer(out, resume_step)
         self.grids = self._grid_files()  # grids already there were logged by an earlier process (or are stale)
-        if self.writer is not None and resume_step is None:
-            self.writer.add_text("config", "```toml\n" + config_mod.dump_toml(cfg) + "```", 0)
-            self.writer.add_text("mfu", f"{self.mfu.flops_per_token / 1e6:.2f} MFLOP per token; peak: "
-                                        f"{self.mfu.source}", 0)
+        if resume_step is None:
+            self._tensorboard(lambda: self._intro(cfg))
+
+    def _intro(self, cfg: Config) -> None:
+        self.writer.add_text("config", "```toml\n" + config_mod.dump_toml(cfg) + "```", 0)
+        self.writer.add_text("mfu", f"{self.mfu.flops_per_token / 1e6:.2f} MFLOP per token; peak: "
+                                    f"{self.mfu.source}", 0)
+
+    def _tensorboard(self, write: Callable[[], None]) -> None:
+        """write() to TensorBoard; on a full disk the writer is dropped (its thread is dead) and the run goes on."""
+        if self.writer is None:
+            return
+        try:
+            write()
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            writer, self.writer = self.writer, None
+            with contextlib.suppress(Exception):  # closing flushes, which fails again on the same disk
+                writer.close()
+            self.guard.warn("TensorBoard events", e)
 
     def log(self, record: dict[str, Any]) -> None:
         row: dict[str, Any] = {}
@@ -69,15 +95,12 @@ class RunLogger:
             row[key] = value
             if key == "tokens_per_s":
                 row["mfu"] = self.mfu(float(value))
-        self.jsonl.log(row)
-        if self.writer is not None:
-            self._scalars(row)
-            self._new_grids()
+        with self.guard("metrics.jsonl"):
+            self.jsonl.log(row)
+        self._tensorboard(lambda: (self._scalars(row), self._new_grids()))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self._new_grids()
-            self.writer.close()
+        self._tensorboard(lambda: (self._new_grids(), self.writer.close()))
 
     def _scalars(self, row: dict[str, Any]) -> None:
         step = int(row["step"])
