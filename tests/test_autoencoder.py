@@ -388,3 +388,14 @@ def test_cli_bad_input(tmp_path, capsys, argv: list[str], match: str) -> None:
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and match in err[0], err
+
+
+def test_saved_widths_list_of_integers_reads_back(tmp_path) -> None:
+    """vae.widths is a list[int]: a saved config reads back (a list[str] check once refused every VAE checkpoint),
+    and a list of anything else is one ConfigError."""
+    cfg = tiny_cfg()
+    path = tmp_path / "config.toml"
+    path.write_text(ae_config.dump_toml(cfg))
+    assert ae_config.load(path).vae.widths == cfg.vae.widths
+    with pytest.raises(ConfigError, match="list of integers"):
+        tiny_cfg('vae.widths=["a", "b", "c"]')

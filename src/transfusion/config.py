@@ -367,6 +367,9 @@ SAVED_DEFAULTS: dict[str, Any] = {
 _SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
+_PLURAL = {str: "strings", int: "integers"}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
@@ -381,11 +384,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return False
             raise ConfigError(f"{key}={value!r}: expected true/false")
         return bool(value)
-    if typing.get_origin(tp) is list:  # list[str]: one bare string is a list of one
-        if isinstance(value, str):
+    if typing.get_origin(tp) is list:  # list[str] / list[int]: items of that type; one bare item is a list of one
+        (item,) = typing.get_args(tp) or (str,)
+        if isinstance(value, item) and not isinstance(value, bool):
             return [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}={value!r}: expected a list of strings")
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}={value!r}: expected a list of {_PLURAL.get(item, item.__name__)}")
         return list(value)
     if tp in (int, float, str):
         try:
