@@ -33,9 +33,13 @@ def text_forward_logprobs(model, tokens: Tensor) -> Tensor:
     no_img = torch.full((B, L), -1, dtype=torch.long, device=device)
     doc = torch.zeros((B, L), dtype=torch.long, device=device)
     pos = torch.arange(L, device=device).expand(B, L)
-    D = model.cfg.patch_dim
-    out = model(tokens, no_img, doc, pos, torch.zeros(0, D, device=device), torch.zeros(0, dtype=torch.long, device=device))
-    logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
+    if getattr(model.cfg, "family", None) is not None and model.cfg.family.value == "chameleon":
+        logits = model(tokens, doc, pos)  # (B, L, V + K): the text token's probability under the whole vocabulary
+    else:
+        D = model.cfg.patch_dim
+        logits = model(tokens, no_img, doc, pos, torch.zeros(0, D, device=device),
+                       torch.zeros(0, dtype=torch.long, device=device)).logits
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
     return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, L-1)
 
 
