@@ -161,3 +161,29 @@ def test_eval_scores_a_latent_model_in_pixels(vae_dir: Path, tmp_path: Path, mon
     assert on_disk["ranked_accuracy"] is not None
     with Image.open(on_disk["grids"][0]) as im:
         assert im.size[1] == 2 * 16 + 2 * 2  # decoded 16 px samples at scale 2 (latents would be 4 px)
+
+
+def test_kv_cached_decoding_equals_an_uncached_pass_on_a_latent_model() -> None:
+    """A latent-shaped model (4 channels, 4x4 latents in 2x2 patches): the KV-cached prefill of `BOS BOI <clean
+    latent> EOI` and one appended token give the logits of one uncached forward over the same sequence."""
+    from core_helpers import ByteTokenizer, micro_model
+
+    from transfusion.decoding import Decoder
+    from transfusion.images import patchify
+
+    tk = ByteTokenizer()
+    model = micro_model(vocab_size=tk.vocab_size, image_channels=4, image_size=4, patch_size=2)
+    img = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0)) * 2  # latents are not in [-1, 1]
+    dec = Decoder(model, 1, tk.pad_id)
+    cached = [dec.prefill([[[tk.bos_id, tk.boi_id], img, [tk.eoi_id]]])[0]]
+    nxt = int(cached[0].argmax())
+    cached.append(dec.append_tokens(torch.tensor([nxt]))[0])
+    n = model.cfg.patches_per_image
+    tokens = torch.tensor([[tk.bos_id, tk.boi_id] + [tk.pad_id] * n + [tk.eoi_id, nxt]])
+    image_ids = torch.tensor([[-1, -1] + [0] * n + [-1, -1]])
+    L = tokens.shape[1]
+    with torch.no_grad():
+        full = model(tokens, image_ids, torch.zeros(1, L, dtype=torch.long), torch.arange(L)[None],
+                     patchify(img[None], 2).reshape(n, -1), torch.zeros(n, dtype=torch.long))
+    assert (full.logits[0, -2] - cached[0]).abs().max() < 1e-5
+    assert (full.logits[0, -1] - cached[1]).abs().max() < 1e-5
