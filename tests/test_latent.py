@@ -187,3 +187,24 @@ def test_kv_cached_decoding_equals_an_uncached_pass_on_a_latent_model() -> None:
                      patchify(img[None], 2).reshape(n, -1), torch.zeros(n, dtype=torch.long))
     assert (full.logits[0, -2] - cached[0]).abs().max() < 1e-5
     assert (full.logits[0, -1] - cached[1]).abs().max() < 1e-5
+
+
+def test_a_latent_release_carries_its_vae(vae_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`transfusion release` of a latent model copies the VAE into DIR/vae and names it relatively, so the release
+    samples from any working directory; the fingerprint check still holds."""
+    from transfusion.checkpoint.release import make_release
+    from transfusion.inference import load
+    from transfusion.train import train
+
+    run = tmp_path / "run"
+    cfg = latent_cfg(vae_dir)
+    train(cfg, run, progress=False)
+    out = make_release(run, tmp_path / "release")
+    assert (out / "vae").is_dir() and config_mod.load(out / "config.toml", saved=True).data.vae == "vae"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    m = load(out)
+    assert m.codec.fingerprint == image_codec(cfg).fingerprint
+    assert main(["sample", "--ckpt", str(out), "--prompt", "a red bag", "--out", str(tmp_path / "r.png"),
+                 "--steps", "2"]) == 0

@@ -41,4 +41,4 @@ def load(run_or_ckpt: str | Path, use_ema: bool = True, device: str | torch.devi
     """A run directory (its latest checkpoint) or one step directory -> model, tokenizer, config."""
     model, cfg, path = load_for_inference(run_or_ckpt, use_ema=use_ema, device=device, check=check)
     converters = convert_model(model, runtime or cfg.runtime, inference=True)
-    return Loaded(model, Tokenizer.load(tokenizer_path_for(path, cfg)), cfg, path, converters, image_codec(cfg))
+    return Loaded(model, Tokenizer.load(tokenizer_path_for(path, cfg)), cfg, path, converters, image_codec(cfg, base=path))

@@ -12,12 +12,15 @@ from transfusion.autoencoder.checkpoint import load_autoencoder
 from transfusion.config import Config, ConfigError
 
 
-def image_codec(cfg: Config) -> Codec:
-    """The codec of a config: pixels unless `data.vae` names an autoencoder, which must fit `[model]`."""
+def image_codec(cfg: Config, base: Path | None = None) -> Codec:
+    """The codec of a config: pixels unless `data.vae` names an autoencoder, which must fit `[model]`. A relative
+    `data.vae` is looked up in `base` (the checkpoint's directory) first: a release carries its VAE as `vae/`."""
     m = cfg.model
     if not cfg.data.vae:
         return PixelCodec(channels=m.image_channels, pixel_size=m.image_size)
     path = Path(cfg.data.vae)
+    if not path.is_absolute() and base is not None and (Path(base) / path).exists():
+        path = Path(base) / path
     if not path.exists():
         raise ConfigError(f"data.vae={cfg.data.vae!r} does not exist; train one with `transfusion train-vae "
                           "configs/vae/emoji_kl.toml --out DIR` and point data.vae at DIR")

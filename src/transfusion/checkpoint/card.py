@@ -128,7 +128,8 @@ def _model(cfg: Config, n_params: int) -> list[str]:
             f"| transformer | {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, SwiGLU {m.ffn_dim}, context "
             f"{m.max_seq_len} |",
             f"| vocabulary | {m.vocab_size} (byte-level BPE, tokenizer.json) |",
-            f"| images | {m.image_channels}x{m.image_size}x{m.image_size} pixels in {m.patch_size}x{m.patch_size} "
+            f"| images | {m.image_channels}x{m.image_size}x{m.image_size} "
+            f"{'VAE latents (the autoencoder in vae/)' if cfg.data.vae else 'pixels'} in {m.patch_size}x{m.patch_size} "
             f"patches ({m.patches_per_image} per image), {m.patch_encoder.value} patch encoder |",
             f"| diffusion | {d.objective.value}, prediction {d.prediction.value}, {d.schedule} schedule, "
             f"T = {d.num_train_steps}; sampling default {d.sampler.value} {d.sample_steps} steps, CFG {d.cfg_scale} |"]
@@ -162,6 +163,17 @@ def _evaluation(reports: list[Path]) -> list[str]:
     return lines
 
 
+def _example_prompt(cfg: Config) -> str:
+    """A prompt the model was trained on: its dataset's first sample prompt ("a red sneaker" if none)."""
+    try:
+        from transfusion.data.registry import get_dataset
+
+        prompts = get_dataset(cfg.data).sample_prompts(1)
+    except Exception:  # a dataset that cannot be read here (a user's folder): the card still renders
+        prompts = []
+    return (prompts or ["a red sneaker"])[0].replace('"', "'")
+
+
 def render(name: str, cfg: Config, n_params: int, facts: TrainingFacts, weights: str, reports: list[Path]) -> str:
     """The README.md of a release named `name`."""
     data, licences = _data(cfg)
@@ -170,8 +182,8 @@ def render(name: str, cfg: Config, n_params: int, facts: TrainingFacts, weights:
            "transformer that predicts the next text token and denoises image patches with diffusion. Trained "
            "with the `transfusion` project; this directory is what `transfusion release` wrote.", "",
            "## Use", "", "```bash",
-           f'transfusion sample --ckpt {name} --prompt "a red sneaker" --out sneaker.png',
-           f"transfusion caption --ckpt {name} --image sneaker.png",
+           f'transfusion sample --ckpt {name} --prompt "{_example_prompt(cfg)}" --out sample.png',
+           f"transfusion caption --ckpt {name} --image sample.png",
            "```", "", "```python", "import transfusion as tf", f'm = tf.load("{name}")', "```", "",
            "## Files", "", "| file | what |", "|---|---|",
            f"| model.safetensors | the weights: {weights} |",

@@ -6,6 +6,8 @@
     DIR/tokenizer.json      the tokenizer the model was trained with
     DIR/manifest.json       size + SHA-256 of the three files above
     DIR/README.md           the model card (card.py): data, config, parameters, compute, evaluation, limits, licences
+    DIR/vae/                a latent model's autoencoder checkpoint (data.vae = "vae" in DIR/config.toml, looked up
+                            relative to DIR), so the release samples and captions with nothing else at hand
 
 DIR is a checkpoint of the export format (layout.py), so the project's one loading path reads it unchanged:
 `transfusion.load(DIR)`, `transfusion sample --ckpt DIR`. The card is written after the manifest and is not in
@@ -60,6 +62,24 @@ def _check_out(out: Path, ckpt: Path) -> None:
         raise CheckpointError(f"release --out {out} is inside the checkpoint {ckpt}; pick a directory outside it")
 
 
+def _with_vae(cfg, tmp: Path):
+    """Copy the autoencoder's checkpoint (the one the model was trained with: its fingerprint is checked when
+    the release loads) into tmp/vae and return the config naming it relatively."""
+    import copy
+
+    from transfusion.autoencoder.checkpoint import resolve as resolve_vae
+
+    vae_ckpt, _ = resolve_vae(cfg.data.vae)
+    (tmp / "vae").mkdir()
+    for name in (MODEL_FILE, layout.CONFIG_FILE):  # the weights and config; not its optimiser or discriminator
+        shutil.copy2(vae_ckpt / name, tmp / "vae" / name)
+    manifest = json.loads((vae_ckpt / layout.MANIFEST_FILE).read_text())
+    layout.seal(tmp / "vae", int(manifest["step"]), manifest["format"])
+    cfg = copy.deepcopy(cfg)
+    cfg.data.vae = "vae"
+    return cfg
+
+
 def make_release(source: str | Path, out: str | Path, use_ema: bool = True,
                  eval_reports: list[str | Path] | None = None) -> Path:
     """Write the release of `source` (a run: its latest checkpoint; or a step directory) to `out`; returns it.
@@ -85,6 +105,8 @@ def make_release(source: str | Path, out: str | Path, use_ema: bool = True,
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / MODEL_FILE))  # handles tied (shared) tensors, as the export does
         os.chmod(tmp / MODEL_FILE, 0o644)  # safetensors creates it owner-only; a release is for everyone to read
+        if cfg.data.vae:  # a latent model ships its autoencoder: DIR/vae/, named relatively in DIR/config.toml
+            cfg = _with_vae(cfg, tmp)
         layout.write_common(tmp, cfg, tokenizer)
         layout.seal(tmp, step, export.FORMAT)
         (tmp / card.CARD_FILE).write_text(text, encoding="utf-8")  # after the manifest: editable
