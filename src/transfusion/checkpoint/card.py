@@ -163,15 +163,13 @@ def _evaluation(reports: list[Path]) -> list[str]:
     return lines
 
 
-def _example_prompt(cfg: Config) -> str:
-    """A prompt the model was trained on: its dataset's first sample prompt ("a red sneaker" if none)."""
-    try:
-        from transfusion.data.registry import get_dataset
+# a prompt each shipped dataset trains on, for the card's example (checkpoint/ never reaches data/ or evaluate/)
+_EXAMPLE_PROMPTS = {"colour_fashion": "a red sneaker", "emoji": "a grinning face emoji, google style",
+                    "recolour": "a red sneaker"}
 
-        prompts = get_dataset(cfg.data).sample_prompts(1)
-    except Exception:  # a dataset that cannot be read here (a user's folder): the card still renders
-        prompts = []
-    return (prompts or ["a red sneaker"])[0].replace('"', "'")
+
+def _example_prompt(cfg: Config) -> str:
+    return _EXAMPLE_PROMPTS.get(cfg.data.dataset, "a caption like those of your training data")
 
 
 def render(name: str, cfg: Config, n_params: int, facts: TrainingFacts, weights: str, reports: list[Path]) -> str:
