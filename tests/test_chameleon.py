@@ -246,16 +246,9 @@ def test_chameleon_trains_through_the_trainer_with_flops_and_z_loss(tmp_path):
     assert all(f > 0 for f in flops) and flops == sorted(flops)
     assert all(r["z_loss"] > 0 for r in rows) and all(r["diffusion_loss"] == 0 for r in rows)
     # the evaluation suite draws and captions through the baseline's own decoding (ranking is skipped, said why)
-    from test_eval_dataset import QUICK_CLIP
+    from test_eval_dataset import tiny_eval
 
-    from transfusion.evaluate import report as rep
 
-    rep.SUITES["test"] = rep.Suite(n_samples=4, n_captions=2, n_ranked=2, ppl_tokens=128, fid=False)
-    try:
-        out = tmp_path / "eval" / "report.json"
-        rep.evaluate(tmp_path / "run", suite="test", out=out, steps=2, clip_config=QUICK_CLIP, progress=False)
-    finally:
-        del rep.SUITES["test"]
-    report = json.loads(out.read_text())
+    report = tiny_eval(tmp_path / "run", tmp_path)
     assert report["clip_score"] is not None and report["n_captions"] == 2
     assert "Chameleon" in report["skipped_metrics"]["ranked_accuracy"]

@@ -163,3 +163,15 @@ def test_alignment_scores_only_what_the_reader_reads() -> None:
     report = {"skipped_metrics": {}}
     alignment_metrics(report, {}, torch.zeros(3, 3, 8, 8), es, lambda x: {"size": torch.zeros(3)}, "fake")
     assert report["alignment"] is None and "reads none of" in report["skipped_metrics"]["alignment"]
+
+
+def tiny_eval(run: Path, out_dir: Path) -> dict:
+    """The suite at its smallest (4 samples, 2 captions, 2 ranked, no FID, the quick scorer) on a run; the JSON
+    report as written. Shared by the tests of eval on other model families and data paths."""
+    out = out_dir / "eval" / "report.json"
+    rep.SUITES["test"] = rep.Suite(n_samples=4, n_captions=2, n_ranked=2, ppl_tokens=128, fid=False)
+    try:
+        rep.evaluate(run, suite="test", out=out, steps=2, clip_config=QUICK_CLIP, progress=False)
+    finally:
+        del rep.SUITES["test"]
+    return json.loads(out.read_text())

@@ -138,10 +138,9 @@ def test_eval_scores_a_latent_model_in_pixels(vae_dir: Path, tmp_path: Path, mon
     reference, image-text scorer and captioning all at the VAE's pixel size)."""
     import json
 
-    from test_eval_dataset import QUICK_CLIP, _shapes_folder
+    from test_eval_dataset import _shapes_folder, tiny_eval
 
     from transfusion.checkpoint.export import save_export
-    from transfusion.evaluate import report as rep
     from transfusion.model.build import build_model
 
     monkeypatch.setenv("TRANSFUSION_CACHE", str(tmp_path / "cache"))
@@ -150,13 +149,7 @@ def test_eval_scores_a_latent_model_in_pixels(vae_dir: Path, tmp_path: Path, mon
     cfg = latent_cfg(vae_dir, "data.dataset=folder", f"data.folder={tmp_path / 'shapes'}")
     torch.manual_seed(0)
     save_export(tmp_path / "run", 0, build_model(cfg.model), cfg, tokenizer=Tokenizer.load())
-    rep.SUITES["test"] = rep.Suite(n_samples=4, n_captions=2, n_ranked=2, ppl_tokens=128, fid=False)
-    try:
-        out = tmp_path / "eval" / "report.json"
-        rep.evaluate(tmp_path / "run", suite="test", out=out, steps=2, clip_config=QUICK_CLIP, progress=False)
-    finally:
-        del rep.SUITES["test"]
-    on_disk = json.loads(out.read_text())
+    on_disk = tiny_eval(tmp_path / "run", tmp_path)
     assert on_disk["clip_score"] is not None and on_disk["n_captions"] == 2
     assert on_disk["ranked_accuracy"] is not None
     with Image.open(on_disk["grids"][0]) as im:

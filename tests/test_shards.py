@@ -361,20 +361,13 @@ def test_two_rank_run_resumes_on_one_process(tmp_path, shards) -> None:
 def test_eval_scores_a_model_trained_on_shards(tmp_path) -> None:
     """`transfusion eval` on a shards checkpoint: FID reference, image-text scorer and captions come from the
     validation shards (the dataset-driven suite), with nothing skipped for want of data."""
-    from test_eval_dataset import QUICK_CLIP
+    from test_eval_dataset import tiny_eval
 
-    from transfusion.evaluate import report as rep
 
     src = _shards(str(tmp_path), 4, 0.25)
     cfg_path = write_micro_config(tmp_path / "c.toml", steps=2, ckpt_every=2)
     over = ['data.dataset="shards"', f'data.folder="{src}"', "data.shuffle_buffer=4", "train.tensorboard=false"]
     train(config.load(cfg_path, over), tmp_path / "run", progress=False)
-    rep.SUITES["test"] = rep.Suite(n_samples=4, n_captions=2, n_ranked=2, ppl_tokens=128, fid=False)
-    try:
-        out = tmp_path / "eval" / "report.json"
-        rep.evaluate(tmp_path / "run", suite="test", out=out, steps=2, clip_config=QUICK_CLIP, progress=False)
-    finally:
-        del rep.SUITES["test"]
-    report = json.loads(out.read_text())
+    report = tiny_eval(tmp_path / "run", tmp_path)
     assert report["dataset"] == "shards" and report["clip_score"] is not None and report["n_captions"] == 2
     assert report["n_real"] == 4
