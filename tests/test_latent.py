@@ -136,7 +136,6 @@ def test_batched_generation_decodes_each_image_as_alone(vae_dir: Path) -> None:
 def test_eval_scores_a_latent_model_in_pixels(vae_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """`transfusion eval` on a latent model: it draws latents, the report scores the decoded 16 px pixels (FID
     reference, image-text scorer and captioning all at the VAE's pixel size)."""
-    import json
 
     from test_eval_dataset import _shapes_folder, tiny_eval
 
