@@ -39,6 +39,8 @@ def test_spec_grid_and_errors(tmp_path):
     runs = spec.runs()
     assert [r.name for r in runs] == ["lr=low__seed0", "lr=high__seed0"]
     assert runs[1].overrides == ["train.lr=3e-3", "train.seed=0"]
+    spec.extra = ["runtime.threads=1", "train.lr=5e-3"]  # `sweep --set`: after the cell's overrides, so they win
+    assert spec.runs()[1].overrides == ["train.lr=3e-3", "runtime.threads=1", "train.lr=5e-3", "train.seed=0"]
     (tmp_path / "bad.toml").write_text('[sweep]\nbase = "micro.toml"\n[axes.x]\na = "not a list"\n')
     with pytest.raises(ConfigError, match="axes.x"):
         load_spec(tmp_path / "bad.toml")

@@ -457,6 +457,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="a grid of configs x seeds: train, eval, table and metric-vs-FLOPs plots")
     p.add_argument("spec", help="sweep spec TOML, e.g. configs/sweeps/table5_mask_encoder.toml (docs/sweeps.md)")
     p.add_argument("--out", required=True, help="sweep directory; rerun with the same --out to resume")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run, after the spec's (e.g. runtime.threads=1 for two sweeps at once)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -464,7 +466,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from transfusion.sweep import run_sweep
 
     try:
-        run_sweep(args.spec, args.out)
+        run_sweep(args.spec, args.out, args.set)
     except RuntimeError as e:  # a run's train/eval subprocess failed; its log says why
         raise CLIError(f"sweep stopped: {e}; fix it and rerun the same command to resume") from None
     print(f"wrote {Path(args.out) / 'sweep.md'}, sweep.json and plots/")

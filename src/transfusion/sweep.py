@@ -70,6 +70,7 @@ class Spec:
     # parity-FLOP ratios between two values of the series axis: {ours = "transfusion", baseline = "chameleon",
     # flops = "flops_6nd"} (6ND: the paper's theoretical count, fn. 15; "flops": this project's StepFlops)
     parity: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)  # `sweep --set`: after every cell's overrides, so they win
 
     def runs(self) -> list[Run]:
         names = list(self.axes)
@@ -77,7 +78,7 @@ class Spec:
         for combo in itertools.product(*(list(self.axes[a].items()) for a in names)):
             labels = {a: label for a, (label, _) in zip(names, combo)}
             cell = ",".join(f"{a}={label}" for a, label in labels.items())
-            sets = [*self.set, *(s for _, sets in combo for s in sets)]
+            sets = [*self.set, *(s for _, sets in combo for s in sets), *self.extra]
             out += [Run(cell, labels, seed, sets + [f"train.seed={seed}"]) for seed in self.seeds]
         return out
 
@@ -173,8 +174,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_sweep(spec_path: str | Path, out: str | Path) -> dict[str, Any]:
+def run_sweep(spec_path: str | Path, out: str | Path, extra_sets: list[str] | None = None) -> dict[str, Any]:
+    """Every run of the spec, then the summary. `extra_sets` are appended to every run's overrides (they win):
+    for how this machine runs (runtime.threads when two sweeps share the cores), not for what a cell means."""
     spec, out = load_spec(spec_path), Path(out)
+    spec.extra = list(extra_sets or [])
     out.mkdir(parents=True, exist_ok=True)
     runs = spec.runs()
     results = []
