@@ -102,3 +102,22 @@ def test_parity_flop_ratio_on_power_laws_and_the_outlier_rule():
     assert r["rule"] == ("<=", 100.0) and r["ours_points"] == 3 and r["baseline_points"] == 2  # FID 150 is out
     none = parity_flop_ratio(ours, base, "fid", thresholds={"fid": ("<=", 1.0)})
     assert none["ratio"] is None and "outlier" in none["why"]
+
+
+def test_eval_report_keys_do_not_overwrite_which_run_it_is(tmp_path, monkeypatch):
+    """The eval report has its own `seed` (the sampling seed): the result must keep the run's seed and cell."""
+    import transfusion.sweep as sweep_mod
+
+    spec = load_spec(_spec(tmp_path, 4, 2))
+    spec.eval = "fast"
+    run = spec.runs()[1]
+    run.seed = 7
+    rdir = tmp_path / "out" / "runs" / run.name
+    (rdir / "train").mkdir(parents=True)
+    (rdir / "train" / "metrics.jsonl").write_text(json.dumps({"step": 4, "lm_loss": 2.5, "flops": 1e9}) + "\n")
+    (rdir / "train" / "config.toml").write_text((tmp_path / "micro.toml").read_text())
+    (rdir / "eval.json").write_text(json.dumps({"seed": 0, "cell": "x", "fid": 12.5, "alignment": {"both": 0.5}}))
+    monkeypatch.setattr(sweep_mod, "_call", lambda cmd, log_path: None)  # train "resumes" a finished run
+    result = sweep_mod.run_one(spec, run, tmp_path / "out")
+    assert (result["seed"], result["cell"], result["eval_seed"]) == (7, "lr=high", 0)
+    assert result["fid"] == 12.5 and result["alignment.both"] == 0.5 and result["lm_loss"] == 2.5

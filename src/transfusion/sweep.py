@@ -133,7 +133,8 @@ def run_one(spec: Spec, run: Run, out: Path) -> dict[str, Any]:
     sets = [x for s in run.overrides for x in ("--set", s)]
     _call([*_cli(spec), "train", str(spec.base), "--out", str(rdir / "train"), "--resume", "--no-progress", *sets],
           rdir / "train.log")
-    result: dict[str, Any] = {"cell": run.cell, "labels": run.labels, "seed": run.seed, "overrides": run.overrides}
+    identity = {"cell": run.cell, "labels": run.labels, "seed": run.seed, "overrides": run.overrides}
+    result: dict[str, Any] = dict(identity)
     result.update(_train_metrics(rdir / "train"))
     if spec.eval:
         report = rdir / EVAL
@@ -141,10 +142,13 @@ def run_one(spec: Spec, run: Run, out: Path) -> dict[str, Any]:
             if not report.is_file():
                 _call([*_cli(spec), "eval", "--ckpt", str(rdir / "train"), "--suite", spec.eval, "--out",
                        str(report), *spec.eval_args], rdir / "eval.log")
-            result.update(_flatten(json.loads(report.read_text())))
+            report_scalars = _flatten(json.loads(report.read_text()))
+            report_scalars["eval_seed"] = report_scalars.pop("seed", None)  # the sampling seed, not the run's
+            result.update(report_scalars)
         except RuntimeError as e:  # e.g. a family the suite cannot score yet: the run's losses still count
             result["eval_error"] = str(e)
             log.info(f"{run.name}: eval failed ({e})")
+    result.update(identity)  # a metric row must not overwrite which run this is
     done.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
 
