@@ -121,3 +121,18 @@ def test_eval_report_keys_do_not_overwrite_which_run_it_is(tmp_path, monkeypatch
     result = sweep_mod.run_one(spec, run, tmp_path / "out")
     assert (result["seed"], result["cell"], result["eval_seed"]) == (7, "lr=high", 0)
     assert result["fid"] == 12.5 and result["alignment.both"] == 0.5 and result["lm_loss"] == 2.5
+
+
+@pytest.mark.parametrize("spec_path", sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_spec_builds_a_valid_config_for_every_run(spec_path):
+    """A typo in a shipped spec (an unknown key, a wrong type, a setting the config rejects) fails here, not an
+    hour into a sweep."""
+    from transfusion import config as config_mod
+
+    spec = load_spec(spec_path)
+    runs = spec.runs()
+    assert len(runs) >= 4 and len(spec.seeds) >= 2  # the issue: >= 2 seeds per cell
+    for run in runs:
+        cfg = config_mod.load(spec.base, run.overrides)
+        assert cfg.train.seed == run.seed
