@@ -159,3 +159,19 @@ def test_unet_attention_starts_as_identity_and_old_checkpoints_read_without_it(t
     saved.write_text('[model]\npreset = "micro"\npatch_encoder = "unet"\n')
     assert config_mod.load(saved, saved=True).model.unet_attention is False  # written before the key existed
     assert config_mod.load(saved).model.unet_attention is True  # a user's config gets the paper's default
+
+
+def test_unet_enc_norm_normalises_each_image_before_the_projection_and_is_off_by_default():
+    assert ModelConfig().unet_enc_norm is False
+    torch.manual_seed(0)
+    enc = UNetPatch(3, 28, 4, dim=32, width=8, enc_norm=True)
+    enc.init_weights(0.02)
+    seen = []
+    enc.to_dim.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    n = 49
+    x = 5.0 * torch.randn(2 * n, 48) + 3.0  # far from unit scale: the norm must undo it
+    enc.encode(x, torch.tensor([100, 900]).repeat_interleave(n))
+    feats = seen[0].flatten(1)  # (N, c * g * g): one layer norm over each image's features
+    assert torch.allclose(feats.mean(1), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(feats.std(1, unbiased=False), torch.ones(2), atol=1e-3)
+    assert UNetPatch(3, 28, 4, dim=32, width=8).norm_enc is None

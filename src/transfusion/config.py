@@ -105,6 +105,9 @@ class ModelConfig:
     # self-attention over the patch grid at the U-Net's lowest level, down and up (paper §4.3.1: "U-Net blocks
     # contain bidirectional attention within"); false = convolutions only (checkpoints from before 2026-12-05)
     unet_attention: bool = True
+    # ablation (docs/results.md, Table 5): a layer norm on the U-Net encoder's output before its projection to the
+    # transformer's width. Without it the encoder's features grew ~40x in 400 steps at CPU scale
+    unet_enc_norm: bool = False
     # extension (paper is silent): a learned 2-D position embedding added to each patch encoding, initialised
     # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence
     patch_pos_emb: bool = False

@@ -187,7 +187,7 @@ class GridAttention(nn.Module):
 
 class UNetPatch(PatchEncoderBase):
     def __init__(self, channels: int, image_size: int, patch_size: int, dim: int, width: int = 64,
-                 blocks: int = 1, t_freq_dim: int = 256, attention: bool = True):
+                 blocks: int = 1, t_freq_dim: int = 256, attention: bool = True, enc_norm: bool = False):
         super().__init__()
         levels = int(math.log2(patch_size))
         if 2**levels != patch_size:
@@ -203,6 +203,7 @@ class UNetPatch(PatchEncoderBase):
         self.downs = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)
                                    for i in range(levels))
         self.attn_down = GridAttention(widths[-1]) if attention else None
+        self.norm_enc = _norm(widths[-1]) if enc_norm else None  # model.unet_enc_norm
         self.to_dim = nn.Conv2d(widths[-1], dim, 1)
         self.from_dim = nn.Conv2d(dim, widths[-1], 1)
         self.attn_up = GridAttention(widths[-1]) if attention else None
@@ -231,6 +232,8 @@ class UNetPatch(PatchEncoderBase):
             h = down(h)  # (N, w_{i+1}, H/2^(i+1), W/2^(i+1))
         if self.attn_down is not None:
             h = self.attn_down(h)  # (N, w_L, g, g)
+        if self.norm_enc is not None:
+            h = self.norm_enc(h)
         h = self.to_dim(h)  # (N, dim, g, g)
         return h.flatten(2).transpose(1, 2).reshape(-1, h.shape[1]), (temb, skips)  # (P, dim) reading order
 
@@ -279,4 +282,4 @@ def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
         return LinearPatch(cfg.patch_dim, cfg.dim, cfg.patches_per_image, pos_emb=cfg.patch_pos_emb,
                            out_norm=cfg.patch_out_norm, in_std=cfg.patch_init_std)
     return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
-                     blocks=cfg.unet_blocks, attention=cfg.unet_attention)
+                     blocks=cfg.unet_blocks, attention=cfg.unet_attention, enc_norm=cfg.unet_enc_norm)
