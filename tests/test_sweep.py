@@ -100,6 +100,9 @@ def test_parity_flop_ratio_on_power_laws_and_the_outlier_rule():
     r = parity_flop_ratio(ours, base, "fid")
     assert r["ratio"] == pytest.approx(62500 / 1e6, rel=1e-6)
     assert r["rule"] == ("<=", 100.0) and r["ours_points"] == 3 and r["baseline_points"] == 2  # FID 150 is out
+    assert r["extrapolated"]  # 62,500 FLOPs lie beyond our largest point (1e4)
+    inside = parity_flop_ratio(ours, [(1e6, 1000 * 3e3 ** -0.5)], "fid")
+    assert inside["flops_needed"] == pytest.approx(3e3) and not inside["extrapolated"]
     none = parity_flop_ratio(ours, base, "fid", thresholds={"fid": ("<=", 1.0)})
     assert none["ratio"] is None and "outlier" in none["why"]
 

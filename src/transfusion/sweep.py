@@ -243,7 +243,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     if summary.get("parity"):
         text += "\n| metric | parity-FLOP ratio | points (ours / baseline) | outlier rule |\n|---|---|---|---|\n"
         for m, r in summary["parity"].items():
-            ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3g}"
+            ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.3g}" + (" (extrapolated)" if r["extrapolated"] else "")
             rule = " ".join(map(str, r["rule"])) if r["rule"] else "none"
             text += f"| {m} | {ratio} | {r['ours_points']} / {r['baseline_points']} | {rule} |\n"
     return text
@@ -342,6 +342,9 @@ def parity_flop_ratio(ours: list[tuple[float, float]], baseline: list[tuple[floa
         result["why"] = "our fit is flat: no FLOPs reach the baseline's value"
         return result
     flops_needed = math.exp((math.log(base_value) - a) / b)
+    lo, hi = min(p[0] for p in ours_k), max(p[0] for p in ours_k)
     result.update(ratio=flops_needed / base_flops, fit={"a": a, "b": b}, baseline_flops=base_flops,
-                  baseline_value=base_value, flops_needed=flops_needed)
+                  baseline_value=base_value, flops_needed=flops_needed,
+                  # outside our measured FLOPs the ratio is the fit's extrapolation, not an observation
+                  extrapolated=not lo <= flops_needed <= hi)
     return result
