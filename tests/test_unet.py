@@ -107,11 +107,17 @@ def test_unet_model_overfits_a_fixed_mixed_batch():
     assert losses[-1] < losses[0] / 10, losses
 
 
-def test_patch_pos_emb_with_unet_is_a_config_error():
-    from transfusion.config import ConfigError
-
-    with pytest.raises(ConfigError, match="patch_pos_emb"):
-        ModelConfig.from_name("micro", patch_encoder="unet", patch_pos_emb=True)
+def test_patch_pos_emb_with_unet_tells_positions_of_a_flat_image_apart():
+    """On a flat image every interior patch gets the same U-Net encoding; the position embedding separates them."""
+    x = torch.full((49, 48), -1.0)  # one all-background 28x28 image in 4x4 patches
+    t = torch.full((49,), 100)
+    for pos, distinct in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        enc = UNetPatch(3, 28, 4, dim=32, width=8, pos_emb=pos)
+        enc.init_weights(0.02)
+        h, _ = enc.encode(x, t)  # (49, 32); patches 16 and 24 are interior, away from the zero padding
+        assert torch.allclose(h[16], h[24], atol=1e-6) != distinct
+    assert ModelConfig.from_name("micro", patch_encoder="unet", patch_pos_emb=True).patch_pos_emb
 
 
 def test_unet_attention_mixes_positions_within_an_image_only():

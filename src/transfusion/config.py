@@ -109,7 +109,8 @@ class ModelConfig:
     # transformer's width. Without it the encoder's features grew ~40x in 400 steps at CPU scale
     unet_enc_norm: bool = False
     # extension (paper is silent): a learned 2-D position embedding added to each patch encoding, initialised
-    # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence
+    # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence. Also for
+    # the U-Net: on flat backgrounds its convolutions give every interior patch the same output (docs/results.md)
     patch_pos_emb: bool = False
     # what the linear patch decoder reads: the final-normalised hidden state through a LayerNorm (True), or the raw
     # residual stream before the final norm (False), whose scale carries x_t's (docs/quality.md: the eps ablation)
@@ -148,9 +149,6 @@ class ModelConfig:
             raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
         if not self.patch_out_norm and self.patch_encoder != PatchEncoder.LINEAR:
             raise ConfigError("model.patch_out_norm = false is an option of the linear patch decoder")
-        if self.patch_pos_emb and self.patch_encoder != PatchEncoder.LINEAR:
-            raise ConfigError("model.patch_pos_emb is an option of the linear patch encoder; the U-Net's "
-                              "convolutions already see where each patch is")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"

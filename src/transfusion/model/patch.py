@@ -187,7 +187,8 @@ class GridAttention(nn.Module):
 
 class UNetPatch(PatchEncoderBase):
     def __init__(self, channels: int, image_size: int, patch_size: int, dim: int, width: int = 64,
-                 blocks: int = 1, t_freq_dim: int = 256, attention: bool = True, enc_norm: bool = False):
+                 blocks: int = 1, t_freq_dim: int = 256, attention: bool = True, enc_norm: bool = False,
+                 pos_emb: bool = False):
         super().__init__()
         levels = int(math.log2(patch_size))
         if 2**levels != patch_size:
@@ -204,6 +205,7 @@ class UNetPatch(PatchEncoderBase):
                                    for i in range(levels))
         self.attn_down = GridAttention(widths[-1]) if attention else None
         self.norm_enc = _norm(widths[-1]) if enc_norm else None  # model.unet_enc_norm
+        self.pos = nn.Parameter(torch.empty(self.grid * self.grid, dim)) if pos_emb else None  # model.patch_pos_emb
         self.to_dim = nn.Conv2d(widths[-1], dim, 1)
         self.from_dim = nn.Conv2d(dim, widths[-1], 1)
         self.attn_up = GridAttention(widths[-1]) if attention else None
@@ -234,8 +236,10 @@ class UNetPatch(PatchEncoderBase):
             h = self.attn_down(h)  # (N, w_L, g, g)
         if self.norm_enc is not None:
             h = self.norm_enc(h)
-        h = self.to_dim(h)  # (N, dim, g, g)
-        return h.flatten(2).transpose(1, 2).reshape(-1, h.shape[1]), (temb, skips)  # (P, dim) reading order
+        h = self.to_dim(h).flatten(2).transpose(1, 2)  # (N, g*g, dim) reading order
+        if self.pos is not None:
+            h = h + self.pos.to(h.dtype)
+        return h.reshape(-1, h.shape[-1]), (temb, skips)  # (P, dim)
 
     def decode(self, h: Tensor, ctx: tuple[Tensor, list[Tensor]]) -> Tensor:
         temb, skips = ctx
@@ -264,6 +268,9 @@ class UNetPatch(PatchEncoderBase):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.to_dim.weight, std=std)  # the transformer sees inputs at its embedding scale
         nn.init.zeros_(self.to_dim.bias)
+        if self.pos is not None:  # as LinearPatch's: 2-D sin-cos at the embedding scale
+            table = sincos_2d(self.grid, self.pos.shape[1]).to(self.pos.device)
+            self.pos.copy_(table * (std / table.std()))
         for blocks in (*self.down_blocks, *self.up_blocks):
             for block in blocks:  # residual branches start at identity
                 nn.init.zeros_(block.conv2.weight)
@@ -282,4 +289,5 @@ def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
         return LinearPatch(cfg.patch_dim, cfg.dim, cfg.patches_per_image, pos_emb=cfg.patch_pos_emb,
                            out_norm=cfg.patch_out_norm, in_std=cfg.patch_init_std)
     return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
-                     blocks=cfg.unet_blocks, attention=cfg.unet_attention, enc_norm=cfg.unet_enc_norm)
+                     blocks=cfg.unet_blocks, attention=cfg.unet_attention, enc_norm=cfg.unet_enc_norm,
+                     pos_emb=cfg.patch_pos_emb)
