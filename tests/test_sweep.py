@@ -91,6 +91,14 @@ def test_table_and_plots_mean_and_spread_over_seeds(tmp_path):
     md = (tmp_path / "o" / "sweep.md").read_text()
     assert "3.5 ± 0.7071" in md and "parity-FLOP ratio" in md
     assert plot_metric_vs_flops(summary, "lm_loss", tmp_path / "o" / "p.png")
+    # FID above the paper's 100 leaves the fit under its rule; `rule = "none"` keeps every point
+    fid_runs = [{**r, "fid": 200.0 - r["flops_6nd"] / 1e9 - r["seed"]} for r in runs]  # all above 100
+    spec.metrics = ["fid"]
+    paper_rule = summarise(spec, fid_runs)["parity"]["fid"]
+    assert (paper_rule["ours_points"], paper_rule["baseline_points"], paper_rule["rule"]) == (0, 0, ("<=", 100.0))
+    spec.parity["rule"] = "none"
+    no_rule = summarise(spec, fid_runs)["parity"]["fid"]
+    assert (no_rule["ours_points"], no_rule["baseline_points"], no_rule["rule"]) == (1, 1, None)
 
 
 def test_parity_flop_ratio_on_power_laws_and_the_outlier_rule():

@@ -228,7 +228,9 @@ def _parity(summary: dict[str, Any], metric: str, p: dict[str, str]) -> dict[str
         return [(c["stats"][fk]["mean"], c["stats"][metric]["mean"]) for c in summary["cells"]
                 if c["labels"].get(summary["series"]) == label and c["stats"][metric]["mean"] is not None]
 
-    return {**parity_flop_ratio(points(p["ours"]), points(p["baseline"]), metric), "flops": fk}
+    # rule = "none": no outlier rule (at CPU scale the paper's fn. 16 thresholds drop every point)
+    thresholds = {} if p.get("rule") == "none" else None
+    return {**parity_flop_ratio(points(p["ours"]), points(p["baseline"]), metric, thresholds), "flops": fk}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from transfusion.config import Family
+
 
 @dataclass
 class PerplexityResult:
@@ -33,7 +35,7 @@ def text_forward_logprobs(model, tokens: Tensor) -> Tensor:
     no_img = torch.full((B, L), -1, dtype=torch.long, device=device)
     doc = torch.zeros((B, L), dtype=torch.long, device=device)
     pos = torch.arange(L, device=device).expand(B, L)
-    if getattr(model.cfg, "family", None) is not None and model.cfg.family.value == "chameleon":
+    if model.cfg.family == Family.CHAMELEON:
         logits = model(tokens, doc, pos)  # (B, L, V + K): the text token's probability under the whole vocabulary
     else:
         D = model.cfg.patch_dim
