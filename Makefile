@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 THREADS ?= 2
 
-.PHONY: venv data browser demo test test-slow bench clean
+.PHONY: venv data browser demo demo-latent test test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ data:
 
 demo: venv data
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m transfusion.demo --config configs/tiny.toml --out runs/demo
+
+# The same demo on KL-VAE latents (the paper's main setting): trains configs/vae/fashion_kl_demo.toml first.
+demo-latent: venv data
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m transfusion.demo --config configs/demo_latent.toml \
+	  --vae-config configs/vae/fashion_kl_demo.toml --out runs/demo_latent
 
 # Headless Chromium for the web demo's browser test (Debian, as root); without it that one test skips and says why.
 browser:

@@ -181,3 +181,47 @@ def test_unet_enc_norm_normalises_each_image_before_the_projection_and_is_off_by
     assert torch.allclose(feats.mean(1), torch.zeros(2), atol=1e-4)
     assert torch.allclose(feats.std(1, unbiased=False), torch.ones(2), atol=1e-3)
     assert UNetPatch(3, 28, 4, dim=32, width=8).norm_enc is None
+
+
+def test_unet_without_skips_decodes_from_the_transformer_alone():
+    """model.unet_skips=false: the up blocks read only h (and t), so the same h decodes the same for any x_t;
+    with skips (the default) the decoder also reads x_t through the skip activations."""
+    assert ModelConfig().unet_skips is True
+    n, t = 49, torch.full((49,), 300)
+    x1, x2, h = torch.randn(n, 48), torch.randn(n, 48), torch.randn(n, 32)
+    for skips in (False, True):
+        torch.manual_seed(0)
+        enc = UNetPatch(3, 28, 4, dim=32, width=8, skips=skips)
+        enc.init_weights(0.02)
+        with torch.no_grad():
+            for m in enc.modules():
+                if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+                    torch.nn.init.normal_(m.weight, std=0.1)
+        (_, ctx1), (_, ctx2) = enc.encode(x1, t), enc.encode(x2, t)
+        same = torch.allclose(enc.decode(h, ctx1), enc.decode(h, ctx2), atol=1e-6)
+        assert same is (not skips)
+        assert enc.decode(h, ctx1).shape == x1.shape
+    model = Transfusion(ModelConfig.from_name("micro", patch_encoder="unet", unet_width=8, unet_skips=False))
+    assert all(b[0].skip.__class__ is torch.nn.Identity for b in model.patch.up_blocks)  # no concat: c_in == c_out
+
+
+def test_unet_out_rms_fixes_the_scale_of_every_image_position():
+    """model.unet_out_rms > 0: each position's encoding has zero mean and exactly that rms over the width, however
+    large the encoder's features grow; 0 (the default) leaves the projection as it is."""
+    assert ModelConfig().unet_out_rms == 0.0
+    n, t = 49, torch.tensor([100, 900]).repeat_interleave(49)
+    x = 5.0 * torch.randn(2 * n, 48) + 3.0
+    torch.manual_seed(0)
+    enc = UNetPatch(3, 28, 4, dim=32, width=8, out_rms=0.15)
+    enc.init_weights(0.02)
+    with torch.no_grad():
+        enc.to_dim.weight.mul_(100.0)  # a grown projection
+    h, _ = enc.encode(x, t)
+    assert torch.allclose(h.mean(-1), torch.zeros(2 * n), atol=1e-5)
+    assert torch.allclose(h.pow(2).mean(-1).sqrt(), torch.full((2 * n,), 0.15), atol=1e-3)
+    torch.manual_seed(0)
+    plain = UNetPatch(3, 28, 4, dim=32, width=8)
+    plain.init_weights(0.02)
+    with torch.no_grad():
+        plain.to_dim.weight.mul_(100.0)
+    assert plain.encode(x, t)[0].pow(2).mean().sqrt() > 1.0  # unnormalised: the grown projection's scale

@@ -108,6 +108,14 @@ class ModelConfig:
     # ablation (docs/results.md, Table 5): a layer norm on the U-Net encoder's output before its projection to the
     # transformer's width. Without it the encoder's features grew ~40x in 400 steps at CPU scale
     unet_enc_norm: bool = False
+    # the U-Net's skip connections from each down level to the matching up level (Nichol & Dhariwal's U-Net, which
+    # the paper cites). With them, the up blocks can denoise from the skips alone and learn to ignore the
+    # transformer: at CPU scale they do (docs/results.md, Table 5). false = the up blocks read only the transformer
+    unet_skips: bool = True
+    # ablation (docs/results.md, Table 5): > 0 layer-normalises each position of the U-Net encoder's output (no
+    # affine) and scales it to this rms, so image positions cannot outgrow the residual stream the transformer
+    # writes into (unnormalised, a constant vector ~40x the embeddings' scale took over). 0 = unnormalised
+    unet_out_rms: float = 0.0
     # extension (paper is silent): a learned 2-D position embedding added to each patch encoding, initialised
     # from 2-D sin-cos, so patches know their row/column beyond the 1-D RoPE position of the sequence. Also for
     # the U-Net: on flat backgrounds its convolutions give every interior patch the same output (docs/results.md)

@@ -1,6 +1,8 @@
 """`make demo`: train the embedded default, then show what one model does with text and images.
 
     python -m transfusion.demo --config configs/tiny.toml --out runs/demo
+    python -m transfusion.demo --config configs/demo_latent.toml --vae-config configs/vae/fashion_kl_demo.toml \
+        --out runs/demo_latent      # `make demo-latent`: trains the KL-VAE that data.vae names first
 
 Writes into OUT: the run (checkpoints/, metrics.jsonl, loss_curve.png), `grid.png` (the dataset's prompt grid:
 for colour fashion every item in every colour, held-out combinations framed in red), `captions.png` + captions
@@ -109,7 +111,29 @@ def continue_text(model: Any, tokenizer: Any, cfg: config_mod.Config, out: Path)
     return text
 
 
-def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+def train_autoencoder(vae_config: str, cfg: config_mod.Config) -> dict[str, Any]:
+    """Train the autoencoder `vae_config` into the run directory the demo's `data.vae` names, unless a finished
+    run is there (its last checkpoint is at the config's step count): a rerun, like the transformer's, reuses it."""
+    from transfusion.autoencoder import config as ae_config
+    from transfusion.autoencoder.train import train_vae
+    from transfusion.checkpoint import find_latest
+
+    if not cfg.data.vae:
+        raise config_mod.ConfigError(f"--vae-config {vae_config}: the demo config names no data.vae to train it into")
+    vcfg = ae_config.load(vae_config)
+    out = Path(cfg.data.vae)
+    latest = find_latest(out)
+    if latest is not None and latest.resolve().name == f"step_{vcfg.train.steps:08d}":
+        log.info(f"demo: autoencoder {out} is trained ({latest.resolve().name}); reusing it")
+        return {"run": str(out), "reused": True}
+    t0 = time.perf_counter()
+    log.info(f"demo: training the autoencoder {vae_config} -> {out} ...")
+    summary = train_vae(vcfg, out, resume=latest is not None)
+    return {"run": str(out), "reused": False, "wall_s": round(time.perf_counter() - t0, 1),
+            "steps": summary["steps"], "train_s": summary["train_s"]}
+
+
+def run_demo(config_path: str, out: Path, overrides: list[str], vae_config: str | None = None) -> dict[str, Any]:
     from transfusion.backends import setup_process
     from transfusion.checkpoint import find_latest
     from transfusion.inference import load
@@ -117,6 +141,7 @@ def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any
 
     t0 = time.perf_counter()
     cfg = config_mod.load(config_path, overrides)
+    autoencoder = train_autoencoder(vae_config, cfg) if vae_config else None
     source = get_dataset(cfg.data).describe()
     log.info(f"demo: data = {source}")
     train_summary = train(cfg, out, resume=find_latest(out) is not None)  # a rerun reuses the finished run
@@ -136,6 +161,7 @@ def run_demo(config_path: str, out: Path, overrides: list[str]) -> dict[str, Any
         "config": config_path,
         "data": source,
         "checkpoint": str(ckpt),
+        "autoencoder": autoencoder,
         "train": train_summary,
         "train_tokens_per_s_median": sorted(rates)[len(rates) // 2],
         "train_wall_s": round(t_train, 1),
@@ -153,16 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/tiny.toml")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vae-config", default=None, metavar="VAE.toml",
+                   help="train this autoencoder into the config's data.vae first (the latent demo)")
     args = p.parse_args(argv)
     from transfusion.cli import _known_errors
 
     try:
-        s = run_demo(args.config, Path(args.out), args.set)
+        s = run_demo(args.config, Path(args.out), args.set, args.vae_config)
     except _known_errors() as e:
         log.error(str(e))
         return 2
     print(f"\ndemo done in {s['total_wall_s']:.0f} s (training {s['train_wall_s']:.0f} s, "
           f"{s['train_tokens_per_s_median']:,.0f} tokens/s)")
+    if s["autoencoder"] and not s["autoencoder"]["reused"]:
+        print(f"  of which the autoencoder {s['autoencoder']['run']}: {s['autoencoder']['wall_s']:.0f} s")
     for name in ("grid.png", "captions.png", "loss_curve.png", "shakespeare.txt", "summary.json"):
         print(f"  {Path(args.out) / name}")
     for row in s["captions"]["examples"][:4]:

@@ -188,12 +188,13 @@ class GridAttention(nn.Module):
 class UNetPatch(PatchEncoderBase):
     def __init__(self, channels: int, image_size: int, patch_size: int, dim: int, width: int = 64,
                  blocks: int = 1, t_freq_dim: int = 256, attention: bool = True, enc_norm: bool = False,
-                 pos_emb: bool = False):
+                 pos_emb: bool = False, skips: bool = True, out_rms: float = 0.0):
         super().__init__()
         levels = int(math.log2(patch_size))
         if 2**levels != patch_size:
             raise ValueError(f"the U-Net patch encoder needs a power-of-two patch_size, got {patch_size}")
         self.channels, self.size, self.k, self.t_freq_dim = channels, image_size, patch_size, t_freq_dim
+        self.skips, self.out_rms = skips, out_rms  # model.unet_skips, model.unet_out_rms
         self.grid = image_size // patch_size
         widths = [width * 2**i for i in range(levels + 1)]  # level 0 (full resolution) .. levels (patch grid)
         t_dim = 4 * width
@@ -211,7 +212,8 @@ class UNetPatch(PatchEncoderBase):
         self.attn_up = GridAttention(widths[-1]) if attention else None
         self.ups = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 3, padding=1) for i in range(levels))
         self.up_blocks = nn.ModuleList(
-            nn.ModuleList(ResBlock(2 * widths[i] if j == 0 else widths[i], widths[i], t_dim) for j in range(blocks))
+            nn.ModuleList(ResBlock(2 * widths[i] if j == 0 and skips else widths[i], widths[i], t_dim)
+                          for j in range(blocks))
             for i in range(levels))
         self.norm_out = _norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], channels, 3, padding=1)
@@ -230,13 +232,16 @@ class UNetPatch(PatchEncoderBase):
         for blocks, down in zip(self.down_blocks, self.downs):
             for block in blocks:
                 h = block(h, temb)
-            skips.append(h)
+            if self.skips:
+                skips.append(h)
             h = down(h)  # (N, w_{i+1}, H/2^(i+1), W/2^(i+1))
         if self.attn_down is not None:
             h = self.attn_down(h)  # (N, w_L, g, g)
         if self.norm_enc is not None:
             h = self.norm_enc(h)
         h = self.to_dim(h).flatten(2).transpose(1, 2)  # (N, g*g, dim) reading order
+        if self.out_rms > 0:
+            h = F.layer_norm(h, h.shape[-1:]) * self.out_rms
         if self.pos is not None:
             h = h + self.pos.to(h.dtype)
         return h.reshape(-1, h.shape[-1]), (temb, skips)  # (P, dim)
@@ -250,7 +255,8 @@ class UNetPatch(PatchEncoderBase):
             x = self.attn_up(x)  # (N, w_L, g, g)
         for i in reversed(range(len(self.ups))):
             x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, w_i, 2h, 2w)
-            x = torch.cat([x, skips[i].to(x.dtype)], dim=1)
+            if self.skips:
+                x = torch.cat([x, skips[i].to(x.dtype)], dim=1)
             for block in self.up_blocks[i]:
                 x = block(x, temb)
         x = self.conv_out(F.silu(self.norm_out(x)))  # (N, C, H, W)
@@ -290,4 +296,4 @@ def build_patch_encoder(cfg: ModelConfig) -> PatchEncoderBase:
                            out_norm=cfg.patch_out_norm, in_std=cfg.patch_init_std)
     return UNetPatch(cfg.image_channels, cfg.image_size, cfg.patch_size, cfg.dim, width=cfg.unet_width,
                      blocks=cfg.unet_blocks, attention=cfg.unet_attention, enc_norm=cfg.unet_enc_norm,
-                     pos_emb=cfg.patch_pos_emb)
+                     pos_emb=cfg.patch_pos_emb, skips=cfg.unet_skips, out_rms=cfg.unet_out_rms)
