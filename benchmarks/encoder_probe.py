@@ -1,0 +1,126 @@
+"""Does each half of the model read the other through the patch encoder/decoder? (docs/results.md, Table 5)
+
+    python benchmarks/encoder_probe.py RUN_OR_CHECKPOINT [...] [--n 32] [--out probe.json]
+
+For a colour-fashion Transfusion run (raw weights, 32 real test images with their captions):
+  decoder_reads_caption   relative change of the diffusion prediction when every image gets another image's
+                          caption (the captions rolled by one), at t = 900 / 500 / 100: does the image side
+                          read the text through the transformer? (0 = the prediction ignores the caption)
+  decoder_reads_h         the same when the decoder gets another image's transformer output at the image
+                          positions (U-Net: its skip activations stay this image's)
+  lm_prefers_right_colour teacher-forced caption NLL after `BOS BOI image EOI`: share of images whose own caption
+                          beats the same caption with the colour word swapped (chance 0.5): does the text side
+                          read the image through the encoder?
+  encoder_colour_change   relative change of the encoder output when 16 items are recoloured red -> blue (t = 100)
+  encoder_constant_share  |mean over all image positions| / mean |h|: 1 = every position gets the same vector
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from transfusion.data.colour_fashion import fashion_examples
+from transfusion.diffusion import build_schedule
+from transfusion.images import patchify
+from transfusion.inference import load
+
+
+def _rows(tk, prefix_caps: list[str] | None, suffix_caps: list[str] | None, n: int, P: int):
+    """(tokens, image_ids, doc_ids, positions, targets) for `BOS caption BOI img` or `BOS BOI img EOI caption EOS`."""
+    rows = []
+    for i in range(n):
+        if prefix_caps is not None:
+            rows.append(([tk.bos_id] + tk.encode(prefix_caps[i]) + [tk.boi_id], []))
+        else:
+            rows.append(([tk.bos_id, tk.boi_id], [tk.eoi_id] + tk.encode(suffix_caps[i]) + [tk.eos_id]))
+    L = max(len(a) + P + len(b) for a, b in rows)
+    tokens = torch.full((n, L), tk.pad_id)
+    image_ids, doc_ids = torch.full((n, L), -1), torch.zeros(n, L, dtype=torch.long)
+    positions, targets = torch.zeros(n, L, dtype=torch.long), torch.zeros(n, L, dtype=torch.bool)
+    for i, (a, b) in enumerate(rows):
+        seq = a + [tk.pad_id] * P + b
+        tokens[i, :len(seq)] = torch.tensor(seq)
+        image_ids[i, len(a):len(a) + P] = i
+        doc_ids[i, :len(seq)] = 1
+        positions[i, :len(seq)] = torch.arange(len(seq))
+        targets[i, len(a) + P:len(seq) - 1] = True  # predict each token after the image
+    return tokens, image_ids, doc_ids, positions, targets
+
+
+@torch.no_grad()
+def probe(run: str, n: int) -> dict:
+    m = load(run, use_ema=False, check=False)
+    model, cfg, tk = m.model, m.config, m.tokenizer
+    mc = cfg.model
+    ex = fashion_examples("test", n=n, seed=0, size=mc.image_size, use_full_dataset=True)
+    sch = build_schedule(cfg.diffusion)
+    x0 = patchify(ex.images, mc.patch_size)  # (n, P, D)
+    _, P, D = x0.shape
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).reshape(-1, D)
+    roll = torch.roll(torch.arange(n), 1)
+    out: dict = {"run": run, "encoder": mc.patch_encoder.value}
+
+    seen: dict = {}
+    decode = model.patch.decode
+    model.patch.decode = lambda h, ctx: seen.update(h=h, ctx=ctx) or decode(h, ctx)
+    own = _rows(tk, ex.captions, None, n, P)[:4]
+    other = _rows(tk, [ex.captions[i] for i in roll], None, n, P)[:4]
+    for t_val in (900, 500, 100):
+        t = torch.full((n * P,), t_val)
+        x_t = sch.add_noise(x0.reshape(-1, D), eps, t)
+        pred = model(*own, x_t, t).diffusion.float()
+        h, ctx = seen["h"], seen["ctx"]
+        rel = lambda a: round(float((a.float() - pred).pow(2).mean().sqrt() / pred.pow(2).mean().sqrt()), 4)
+        out[f"decoder_reads_caption_t{t_val}"] = rel(model(*other, x_t, t).diffusion)
+        out[f"decoder_reads_h_t{t_val}"] = rel(decode(h.view(n, P, -1)[roll].reshape(n * P, -1), ctx))
+    model.patch.decode = decode
+
+    colours = sorted({w for cap in ex.captions for w in re.findall(r"[a-z]+", cap)} &
+                     {"red", "green", "blue", "yellow", "white", "purple", "orange", "cyan", "pink"})
+    def swapped(cap: str) -> str:
+        for w in colours:
+            if re.search(rf"\b{w}\b", cap):
+                return re.sub(rf"\b{w}\b", colours[(colours.index(w) + 1) % len(colours)], cap)
+        return cap
+    def nll(caps: list[str]) -> torch.Tensor:  # (n,)
+        tokens, image_ids, doc_ids, positions, targets = _rows(tk, None, caps, n, P)
+        logits = model(tokens, image_ids, doc_ids, positions, x0.reshape(-1, D),
+                       torch.zeros(n * P, dtype=torch.long)).logits.float()
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        return -(logp * targets[:, :-1]).sum(1)
+    out["lm_prefers_right_colour"] = round(float((nll(ex.captions) < nll([swapped(c) for c in ex.captions]))
+                                                 .float().mean()), 4)
+
+    gray = ex.images[:16].float().mean(1)  # (16, H, W) in [-1, 1]: the item's shape
+    mask = (gray + 1) / 2
+    red = torch.stack([mask, torch.zeros_like(mask), torch.zeros_like(mask)], 1) * 2 - 1
+    blue = torch.stack([torch.zeros_like(mask), torch.zeros_like(mask), mask], 1) * 2 - 1
+    def enc(img: torch.Tensor) -> torch.Tensor:
+        p = patchify(img, mc.patch_size).reshape(-1, D)
+        return model.patch.encode(p, torch.full((p.shape[0],), 100))[0].float()
+    base = enc(red)
+    out["encoder_colour_change"] = round(float((enc(blue) - base).norm(dim=-1).mean() / base.norm(dim=-1).mean()), 4)
+    out["encoder_constant_share"] = round(float(base.mean(0).norm() / base.norm(dim=-1).mean()), 4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    results = [probe(r, args.n) for r in args.runs]
+    for r in results:
+        print(json.dumps(r))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
