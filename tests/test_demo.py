@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _small_vae_config(tmp_path: Path) -> Path:
     text = (ROOT / "configs" / "vae" / "fashion_kl_demo.toml").read_text()
-    text = text.replace("steps = 1000", "steps = 2").replace("gan_start = 700", "gan_start = 1")
+    text = text.replace("steps = 1500", "steps = 2").replace("gan_start = 900", "gan_start = 1")
     text = text.replace("scale_images = 2048", "scale_images = 16").replace("threads = 2", "threads = 1")
     path = tmp_path / "vae.toml"
     path.write_text(text)
