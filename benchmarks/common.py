@@ -155,3 +155,25 @@ def quiet_env() -> dict[str, str]:
     env.setdefault("TQDM_DISABLE", "1")
     env.setdefault("LOGURU_LEVEL", "WARNING")
     return env
+
+
+def image_documents(before: list[list[int]], after: list[list[int]], n_patches: int, pad_id: int):
+    """One document per row, `before + <image i> + after`, right-padded (padding = doc 0): the teacher-forced
+    batch the diagnostic scripts feed the model. Returns (tokens, image_ids, doc_ids, positions) (B, L) each and
+    `targets` (B, L) bool: the positions whose next token is one of `after`'s (the LM loss of the text after the
+    image)."""
+    B = len(before)
+    L = max(len(a) + n_patches + len(b) for a, b in zip(before, after))
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    image_ids = torch.full((B, L), -1, dtype=torch.long)
+    doc_ids = torch.zeros(B, L, dtype=torch.long)
+    positions = torch.zeros(B, L, dtype=torch.long)
+    targets = torch.zeros(B, L, dtype=torch.bool)
+    for i, (a, b) in enumerate(zip(before, after)):
+        seq = a + [pad_id] * n_patches + b
+        tokens[i, :len(seq)] = torch.tensor(seq)
+        image_ids[i, len(a):len(a) + n_patches] = i
+        doc_ids[i, :len(seq)] = 1
+        positions[i, :len(seq)] = torch.arange(len(seq))
+        targets[i, len(a) + n_patches:len(seq) - 1] = True
+    return tokens, image_ids, doc_ids, positions, targets

@@ -19,37 +19,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from transfusion.data.colour_fashion import fashion_examples
-from transfusion.diffusion import build_schedule
-from transfusion.images import patchify
-from transfusion.inference import load
+import torch  # noqa: E402
+
+from common import image_documents  # noqa: E402
+from transfusion.data.colour_fashion import fashion_examples  # noqa: E402
+from transfusion.diffusion import build_schedule  # noqa: E402
+from transfusion.images import patchify  # noqa: E402
+from transfusion.inference import load  # noqa: E402
 
 
-def _rows(tk, prefix_caps: list[str] | None, suffix_caps: list[str] | None, n: int, P: int):
-    """(tokens, image_ids, doc_ids, positions, targets) for `BOS caption BOI img` or `BOS BOI img EOI caption EOS`."""
-    rows = []
-    for i in range(n):
-        if prefix_caps is not None:
-            rows.append(([tk.bos_id] + tk.encode(prefix_caps[i]) + [tk.boi_id], []))
-        else:
-            rows.append(([tk.bos_id, tk.boi_id], [tk.eoi_id] + tk.encode(suffix_caps[i]) + [tk.eos_id]))
-    L = max(len(a) + P + len(b) for a, b in rows)
-    tokens = torch.full((n, L), tk.pad_id)
-    image_ids, doc_ids = torch.full((n, L), -1), torch.zeros(n, L, dtype=torch.long)
-    positions, targets = torch.zeros(n, L, dtype=torch.long), torch.zeros(n, L, dtype=torch.bool)
-    for i, (a, b) in enumerate(rows):
-        seq = a + [tk.pad_id] * P + b
-        tokens[i, :len(seq)] = torch.tensor(seq)
-        image_ids[i, len(a):len(a) + P] = i
-        doc_ids[i, :len(seq)] = 1
-        positions[i, :len(seq)] = torch.arange(len(seq))
-        targets[i, len(a) + P:len(seq) - 1] = True  # predict each token after the image
-    return tokens, image_ids, doc_ids, positions, targets
+def _caption_first(tk, captions: list[str], n_patches: int):  # BOS caption BOI <image>
+    return image_documents([[tk.bos_id] + tk.encode(c) + [tk.boi_id] for c in captions], [[] for _ in captions],
+                           n_patches, tk.pad_id)[:4]
+
+
+def _image_first(tk, captions: list[str], n_patches: int):  # BOS BOI <image> EOI caption EOS, + targets
+    return image_documents([[tk.bos_id, tk.boi_id] for _ in captions],
+                           [[tk.eoi_id] + tk.encode(c) + [tk.eos_id] for c in captions], n_patches, tk.pad_id)
 
 
 @torch.no_grad()
@@ -68,8 +61,8 @@ def probe(run: str, n: int) -> dict:
     seen: dict = {}
     decode = model.patch.decode
     model.patch.decode = lambda h, ctx: seen.update(h=h, ctx=ctx) or decode(h, ctx)
-    own = _rows(tk, ex.captions, None, n, P)[:4]
-    other = _rows(tk, [ex.captions[i] for i in roll], None, n, P)[:4]
+    own = _caption_first(tk, ex.captions, P)
+    other = _caption_first(tk, [ex.captions[i] for i in roll], P)
     for t_val in (900, 500, 100):
         t = torch.full((n * P,), t_val)
         x_t = sch.add_noise(x0.reshape(-1, D), eps, t)
@@ -88,7 +81,7 @@ def probe(run: str, n: int) -> dict:
                 return re.sub(rf"\b{w}\b", colours[(colours.index(w) + 1) % len(colours)], cap)
         return cap
     def nll(caps: list[str]) -> torch.Tensor:  # (n,)
-        tokens, image_ids, doc_ids, positions, targets = _rows(tk, None, caps, n, P)
+        tokens, image_ids, doc_ids, positions, targets = _image_first(tk, caps, P)
         logits = model(tokens, image_ids, doc_ids, positions, x0.reshape(-1, D),
                        torch.zeros(n * P, dtype=torch.long)).logits.float()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]

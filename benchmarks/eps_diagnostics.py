@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from transfusion.data.colour_fashion import fashion_examples
-from transfusion.diffusion import build_schedule
-from transfusion.images import patchify
-from transfusion.inference import load
+import torch  # noqa: E402
+
+from common import image_documents  # noqa: E402
+from transfusion.data.colour_fashion import fashion_examples  # noqa: E402
+from transfusion.diffusion import build_schedule  # noqa: E402
+from transfusion.images import patchify  # noqa: E402
+from transfusion.inference import load  # noqa: E402
 
 T_GRID = [0, 100, 300, 500, 700, 800, 900, 950, 990, 999]
 
@@ -40,20 +44,10 @@ def diagnose(run: str, n: int, use_ema: bool) -> dict:
     out: dict = {"run": run, "ema": use_ema, "prediction": cfg.diffusion.prediction.value, "by_t": {}}
     for cond in (True, False):
         rows = [[tk.bos_id] + (tk.encode(cap) if cond else []) + [tk.boi_id] for cap in ex.captions]
-        L = max(len(r) for r in rows)
+        tokens, image_ids, doc_ids, positions, _ = image_documents(rows, [[] for _ in rows], P, tk.pad_id)
         for t_val in T_GRID:
             t = torch.full((N * P,), t_val, dtype=torch.long)
             x_t = schedule.add_noise(x0.reshape(-1, D), eps.reshape(-1, D), t)
-            tokens = torch.zeros(N, L + P, dtype=torch.long)
-            image_ids = torch.full((N, L + P), -1, dtype=torch.long)
-            doc_ids = torch.zeros(N, L + P, dtype=torch.long)
-            positions = torch.zeros(N, L + P, dtype=torch.long)
-            for i, r in enumerate(rows):  # left-padded: pad = doc 0, the row = doc 1
-                off = L - len(r)
-                tokens[i, off:L] = torch.tensor(r)
-                doc_ids[i, off:] = 1
-                positions[i, off:] = torch.arange(len(r) + P)
-                image_ids[i, L:] = i
             pred = model(tokens, image_ids, doc_ids, positions, x_t, t).diffusion.float()
             eps_hat = schedule.to_eps(x_t, pred, t)
             a = float(schedule.alphas_cumprod[t_val])
