@@ -46,6 +46,19 @@ def test_spec_grid_and_errors(tmp_path):
         load_spec(tmp_path / "bad.toml")
 
 
+def test_only_runs_part_of_the_grid_and_names_runs_as_the_full_grid(tmp_path):
+    spec = load_spec(_spec(tmp_path, 4, 2))
+    spec.restrict(["lr=high"])
+    assert [r.name for r in spec.runs()] == ["lr=high__seed0"]  # the full sweep resumes from this run
+    for bad, msg in [("lr=medium", "no value 'medium'"), ("size=s", "AXIS one of"), ("lr", "AXIS=LABEL")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_spec(tmp_path / "spec.toml").restrict([bad])
+    r = subprocess.run([sys.executable, "-m", "transfusion.cli", "sweep", str(tmp_path / "spec.toml"), "--out",
+                        str(tmp_path / "out"), "--only", "lr=medium"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_killed_sweep_resumes_skipping_done_runs_and_continuing_the_half_finished_one(tmp_path):
     spec, out = _spec(tmp_path, steps=24, ckpt_every=3), tmp_path / "out"
     cmd = [sys.executable, "-m", "transfusion.cli", "sweep", str(spec), "--out", str(out)]

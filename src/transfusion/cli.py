@@ -459,6 +459,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="sweep directory; rerun with the same --out to resume")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every run, after the spec's (e.g. runtime.threads=1 for two sweeps at once)")
+    p.add_argument("--only", action="append", default=[], metavar="AXIS=LABEL[,LABEL]",
+                   help="run only these values of an axis (repeatable), e.g. encoder=linear; the full sweep with "
+                        "the same --out later reuses those runs")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -466,7 +469,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from transfusion.sweep import run_sweep
 
     try:
-        run_sweep(args.spec, args.out, args.set)
+        run_sweep(args.spec, args.out, args.set, args.only)
     except RuntimeError as e:  # a run's train/eval subprocess failed; its log says why
         raise CLIError(f"sweep stopped: {e}; fix it and rerun the same command to resume") from None
     print(f"wrote {Path(args.out) / 'sweep.md'}, sweep.json and plots/")

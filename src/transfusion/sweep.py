@@ -71,11 +71,28 @@ class Spec:
     # flops = "flops_6nd"} (6ND: the paper's theoretical count, fn. 15; "flops": this project's StepFlops)
     parity: dict[str, str] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)  # `sweep --set`: after every cell's overrides, so they win
+    only: dict[str, list[str]] = field(default_factory=dict)  # `sweep --only`: axis -> the value labels to run
+
+    def restrict(self, selections: list[str]) -> None:
+        """`--only AXIS=LABEL[,LABEL...]` (repeatable): run that part of the grid. Its runs keep their names, so
+        the full sweep later resumes from them; the summary covers the runs of this invocation."""
+        for sel in selections:
+            axis, _, labels = sel.partition("=")
+            wanted = [x for x in labels.split(",") if x]
+            if axis not in self.axes or not wanted:
+                raise ConfigError(f"--only {sel!r}: expected AXIS=LABEL[,LABEL...] with AXIS one of {list(self.axes)}")
+            unknown = [x for x in wanted if x not in self.axes[axis]]
+            if unknown:
+                raise ConfigError(f"--only {sel!r}: axis {axis!r} has no value {unknown[0]!r} "
+                                  f"(values: {list(self.axes[axis])})")
+            self.only[axis] = wanted
 
     def runs(self) -> list[Run]:
         names = list(self.axes)
         out = []
         for combo in itertools.product(*(list(self.axes[a].items()) for a in names)):
+            if any(label not in self.only.get(a, [label]) for a, (label, _) in zip(names, combo)):
+                continue
             labels = {a: label for a, (label, _) in zip(names, combo)}
             cell = ",".join(f"{a}={label}" for a, label in labels.items())
             sets = [*self.set, *(s for _, sets in combo for s in sets), *self.extra]
@@ -178,11 +195,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_sweep(spec_path: str | Path, out: str | Path, extra_sets: list[str] | None = None) -> dict[str, Any]:
-    """Every run of the spec, then the summary. `extra_sets` are appended to every run's overrides (they win):
-    for how this machine runs (runtime.threads when two sweeps share the cores), not for what a cell means."""
+def run_sweep(spec_path: str | Path, out: str | Path, extra_sets: list[str] | None = None,
+              only: list[str] | None = None) -> dict[str, Any]:
+    """Every run of the spec (or of the part `only` selects), then the summary. `extra_sets` are appended to every
+    run's overrides (they win): for how this machine runs (runtime.threads when two sweeps share the cores), not
+    for what a cell means."""
     spec, out = load_spec(spec_path), Path(out)
     spec.extra = list(extra_sets or [])
+    spec.restrict(list(only or []))
     out.mkdir(parents=True, exist_ok=True)
     runs = spec.runs()
     results = []
