@@ -127,3 +127,13 @@ def test_cli_args_and_folder_mode(tmp_path: Path) -> None:
     assert r["n_skipped"] == 1 and r["n_samples"] == 0
     with pytest.raises(SystemExit):
         p.parse_args(["--suite", "fast"])  # needs --ckpt or --images
+
+
+def test_default_report_path_is_with_the_run_not_the_current_directory(tmp_path: Path, tok) -> None:
+    cfg, model = _micro()
+    run = tmp_path / "run"
+    step = save_export(run, 3, model, cfg, tokenizer=tok)
+    assert rep.default_out(str(run), None, "fast") == run / "eval" / "fast.json"
+    assert rep.default_out(str(step), None, "full") == run / "eval" / "full.json"  # a step dir: its run's eval/
+    assert rep.default_out(None, str(tmp_path / "imgs"), "fast") == tmp_path / "imgs" / "eval" / "report.json"
+    assert rep.default_out(str(tmp_path / "nope"), None, "fast") == tmp_path / "nope" / "eval" / "fast.json"

@@ -205,7 +205,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="fast: a few minutes on 2 cores; full: for long runs; edit: held-out recolour edits of "
                         "a model fine-tuned on edits (evaluate/edit.py) (default: fast)")
     p.add_argument("--n", type=int, default=None, help="generated samples (and captioned images; edits)")
-    p.add_argument("--out", default="eval/report.json", help="JSON report path (grids and .md written beside it)")
+    p.add_argument("--out", default=None, help="JSON report path, grids and .md written beside it (default: "
+                   "RUN/eval/<suite>.json beside the checkpoint's run, where `release` finds it; IMAGES/eval/report.json)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: diffusion.sample_steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: diffusion.cfg_scale)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], default=None,
@@ -215,12 +216,30 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fid", action="store_true", help="skip the Inception FID (the slowest metric)")
 
 
+def default_out(ckpt: str | None, images: str | None, suite: str) -> Path:
+    """Where a report goes without --out: with the run it scores (RUN/eval/<suite>.json; a step or release directory
+    keeps its own eval/), or IMAGES/eval/report.json — never the current directory, which may be a checkout."""
+    if images:
+        return Path(images) / "eval" / "report.json"
+    from transfusion.checkpoint.layout import CKPT_SUBDIR, CheckpointError, resolve
+
+    path = Path(ckpt)
+    try:
+        step = resolve(path)
+        path = step.parent.parent if step.parent.name == CKPT_SUBDIR else step
+    except CheckpointError:  # a missing checkpoint: the evaluation itself says so, with the error it deserves
+        pass
+    return path / "eval" / f"{suite}.json"
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of `transfusion eval`; prints the markdown summary, returns the exit code."""
     from transfusion.backends import setup_process
     from transfusion.config import RuntimeConfig
 
     setup_process(RuntimeConfig())  # the default process settings; the checkpoint's kernels come with its load
+    if args.out is None:
+        args.out = str(default_out(args.ckpt, args.images, args.suite))
     if args.images:
         report = score_folder(args.images, args.out, with_fid=not args.no_fid)
     elif args.suite == "edit":  # its own scorers and report (evaluate/edit.py)
