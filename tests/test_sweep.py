@@ -50,7 +50,11 @@ def test_only_runs_part_of_the_grid_and_names_runs_as_the_full_grid(tmp_path):
     spec = load_spec(_spec(tmp_path, 4, 2))
     spec.restrict(["lr=high"])
     assert [r.name for r in spec.runs()] == ["lr=high__seed0"]  # the full sweep resumes from this run
-    for bad, msg in [("lr=medium", "no value 'medium'"), ("size=s", "AXIS one of"), ("lr", "AXIS=LABEL")]:
+    spec.seeds = [0, 1]
+    spec.restrict(["seed=1"])
+    assert [r.name for r in spec.runs()] == ["lr=high__seed1"]
+    for bad, msg in [("lr=medium", "no value 'medium'"), ("size=s", "AXIS one of"), ("lr", "AXIS=LABEL"),
+                     ("seed=7", "seeds are")]:
         with pytest.raises(ConfigError, match=msg):
             load_spec(tmp_path / "spec.toml").restrict([bad])
     r = subprocess.run([sys.executable, "-m", "transfusion.cli", "sweep", str(tmp_path / "spec.toml"), "--out",

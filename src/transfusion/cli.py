@@ -460,8 +460,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every run, after the spec's (e.g. runtime.threads=1 for two sweeps at once)")
     p.add_argument("--only", action="append", default=[], metavar="AXIS=LABEL[,LABEL]",
-                   help="run only these values of an axis (repeatable), e.g. encoder=linear; the full sweep with "
-                        "the same --out later reuses those runs")
+                   help="run only these values of an axis, or seed=S (repeatable), e.g. encoder=linear; the full "
+                        "sweep with the same --out later reuses those runs")
     p.set_defaults(func=cmd_sweep)
 
 

@@ -79,8 +79,14 @@ class Spec:
         for sel in selections:
             axis, _, labels = sel.partition("=")
             wanted = [x for x in labels.split(",") if x]
+            if axis == "seed":  # e.g. seed=1: the second seed of every cell, beside a process running seed 0
+                if not wanted or any(x not in {str(s) for s in self.seeds} for x in wanted):
+                    raise ConfigError(f"--only {sel!r}: the spec's seeds are {self.seeds}")
+                self.seeds = [s for s in self.seeds if str(s) in wanted]
+                continue
             if axis not in self.axes or not wanted:
-                raise ConfigError(f"--only {sel!r}: expected AXIS=LABEL[,LABEL...] with AXIS one of {list(self.axes)}")
+                raise ConfigError(f"--only {sel!r}: expected AXIS=LABEL[,LABEL...] with AXIS one of "
+                                  f"{list(self.axes) + ['seed']}")
             unknown = [x for x in wanted if x not in self.axes[axis]]
             if unknown:
                 raise ConfigError(f"--only {sel!r}: axis {axis!r} has no value {unknown[0]!r} "
