@@ -177,3 +177,16 @@ def image_documents(before: list[list[int]], after: list[list[int]], n_patches: 
         positions[i, :len(seq)] = torch.arange(len(seq))
         targets[i, len(a) + n_patches:len(seq) - 1] = True
     return tokens, image_ids, doc_ids, positions, targets
+
+
+def real_test_patches(run: str, n: int, use_ema: bool, check: bool = True):
+    """What the diagnostic scripts start from: a run loaded (`transfusion.load`), its first n colour-fashion test
+    examples at the model's image size, its noise schedule, and the images as patches x0 (n, P, D)."""
+    from transfusion.data.colour_fashion import fashion_examples
+    from transfusion.diffusion import build_schedule
+    from transfusion.images import patchify
+    from transfusion.inference import load
+
+    m = load(run, use_ema=use_ema, check=check)
+    ex = fashion_examples("test", n=n, seed=0, size=m.config.model.image_size, use_full_dataset=True)
+    return m, ex, build_schedule(m.config.diffusion), patchify(ex.images, m.config.model.patch_size)

@@ -28,11 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import image_documents  # noqa: E402
-from transfusion.data.colour_fashion import fashion_examples  # noqa: E402
-from transfusion.diffusion import build_schedule  # noqa: E402
+from common import image_documents, real_test_patches  # noqa: E402
 from transfusion.images import patchify  # noqa: E402
-from transfusion.inference import load  # noqa: E402
 
 
 def _caption_first(tk, captions: list[str], n_patches: int):  # BOS caption BOI <image>
@@ -47,12 +44,9 @@ def _image_first(tk, captions: list[str], n_patches: int):  # BOS BOI <image> EO
 
 @torch.no_grad()
 def probe(run: str, n: int) -> dict:
-    m = load(run, use_ema=False, check=False)
+    m, ex, sch, x0 = real_test_patches(run, n, use_ema=False, check=False)  # x0 (n, P, D)
     model, cfg, tk = m.model, m.config, m.tokenizer
     mc = cfg.model
-    ex = fashion_examples("test", n=n, seed=0, size=mc.image_size, use_full_dataset=True)
-    sch = build_schedule(cfg.diffusion)
-    x0 = patchify(ex.images, mc.patch_size)  # (n, P, D)
     _, P, D = x0.shape
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).reshape(-1, D)
     roll = torch.roll(torch.arange(n), 1)

@@ -21,23 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import image_documents  # noqa: E402
-from transfusion.data.colour_fashion import fashion_examples  # noqa: E402
-from transfusion.diffusion import build_schedule  # noqa: E402
-from transfusion.images import patchify  # noqa: E402
-from transfusion.inference import load  # noqa: E402
+from common import image_documents, real_test_patches  # noqa: E402
 
 T_GRID = [0, 100, 300, 500, 700, 800, 900, 950, 990, 999]
 
 
 @torch.no_grad()
 def diagnose(run: str, n: int, use_ema: bool) -> dict:
-    m = load(run, use_ema=use_ema)
+    m, ex, schedule, x0 = real_test_patches(run, n, use_ema=use_ema)  # x0 (N, P, D)
     model, cfg, tk = m.model, m.config, m.tokenizer
-    c = cfg.model
-    ex = fashion_examples("test", n=n, seed=0, size=c.image_size, use_full_dataset=True)
-    schedule = build_schedule(cfg.diffusion)
-    x0 = patchify(ex.images, c.patch_size)  # (N, n, D)
     N, P, D = x0.shape
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(x0.shape, generator=g)
